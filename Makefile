@@ -1,0 +1,56 @@
+# cktf: `make demo` runs the main job on the default data, `make test` runs the tests.
+# Both create .venv and install the package on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+# FAISS=gpu installs faiss-gpu instead of faiss-cpu.
+FAISS ?= cpu
+RUNS ?= runs
+
+.PHONY: setup test demo lint clean-runs
+
+setup: $(VENV)/.installed fashion-data
+
+# torch/torchvision come from the package registry (their CUDA build also runs on CPU). pip's config
+# files and PIP_FIND_LINKS are ignored here so a local CPU-only torch wheel is never mixed in.
+PIP_ENV := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null CKTF_FAISS=$(FAISS)
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP_ENV) $(BIN)/pip install -q -e '.[dev$(if $(filter gpu,$(FAISS)),$(comma)gpu,)]'
+	touch $@
+comma := ,
+
+.PHONY: fashion-data
+fashion-data:
+	@if [ ! -e $(FASHION_DIR)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian package dataset-fashion-mnist"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \
+		else sudo -n apt-get install -y -q dataset-fashion-mnist || \
+			echo "warning: could not install dataset-fashion-mnist; pass --data.root DIR with the IDX files"; fi; \
+	fi
+
+test: setup
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check transfer linear_probe tests benchmarks
+
+# The demo; stage targets reuse finished runs and resume interrupted ones.
+demo: setup
+	@$(MAKE) --no-print-directory teacher-demo
+
+.PHONY: teacher-demo
+teacher-demo:
+	@if [ -f $(RUNS)/fashion_teacher/metrics.json ]; then \
+		echo "teacher: reusing $(RUNS)/fashion_teacher (delete it to retrain)"; \
+	elif [ -f $(RUNS)/fashion_teacher/last.safetensors ]; then \
+		$(BIN)/cktf train-teacher --config configs/fashion_split/teacher.yaml --log.root $(RUNS) --resume; \
+	else \
+		$(BIN)/cktf train-teacher --config configs/fashion_split/teacher.yaml --log.root $(RUNS) --overwrite; \
+	fi
+	@cat $(RUNS)/fashion_teacher/metrics.json
+
+clean-runs:
+	rm -rf $(RUNS)

@@ -1,0 +1,1 @@
+"""Linear and kNN probes of frozen students (filled in by the probe stage)."""

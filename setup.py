@@ -1,0 +1,42 @@
+"""Installable package ``cktf`` (import packages ``transfer`` and ``linear_probe``; console script ``cktf``).
+
+faiss: ``faiss-cpu`` by default. For GPU indexes install with ``CKTF_FAISS=gpu pip install -e '.[gpu]'``,
+which swaps it for ``faiss-gpu`` (both ship the same ``faiss`` module, so they must not be installed together).
+"""
+
+import os
+
+from setuptools import find_packages, setup
+
+FAISS_GPU = os.environ.get("CKTF_FAISS", "cpu").lower() == "gpu"
+
+requirements = [
+    "torch>=2.2",
+    "torchvision>=0.17",
+    "einops>=0.7",
+    "tensorboard>=2.14",
+    "click>=8.1",
+    "pyyaml>=6.0",
+    "tqdm>=4.66",
+    "safetensors>=0.4",
+    "numpy>=1.24",
+]
+if not FAISS_GPU:
+    requirements.append("faiss-cpu>=1.8")
+
+setup(
+    name="cktf",
+    version="0.1.0",
+    description="Unsupervised cross-domain knowledge transfer: CKTF, CRD and KD with a faiss negative sampler",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["transfer", "transfer.*", "linear_probe", "linear_probe.*"]),
+    install_requires=requirements,
+    extras_require={
+        "gpu": ["faiss-gpu>=1.8"],
+        "dev": ["pytest>=7.4", "ruff>=0.4"],
+    },
+    entry_points={"console_scripts": ["cktf = transfer.cli:main"]},
+)

@@ -1,0 +1,135 @@
+"""Config loading: typed validation, one-line errors naming the key, CLI overrides, round trip."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transfer.config import TeacherConfig, dump_config, load_config, parse_overrides
+from transfer.errors import CKTFError
+
+BASE = {
+    "data": {"name": "fashion_split", "train_split": "source_train"},
+    "model": {"name": "resnet8"},
+    "train": {"epochs": 2, "batch_size": 32},
+    "log": {"name": "t"},
+}
+
+
+def write(tmp_path: Path, values: dict) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def error_of(fn) -> str:
+    with pytest.raises(CKTFError) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_loads_typed_values_and_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), TeacherConfig)
+    assert cfg.train.epochs == 2 and isinstance(cfg.train.lr, float)
+    assert cfg.train.milestones == [150, 180, 210]
+    assert cfg.data.root is None and cfg.log.root == "runs"
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), TeacherConfig, [
+        "--train.epochs", "240", "--data.root", "/data/x", "--train.lr=0.1", "--train.milestones", "[3, 4]",
+        "--data.options.labels_per_class", "20", "--log.name", "123", "--train.nesterov", "false"])
+    assert cfg.train.epochs == 240
+    assert cfg.data.root == "/data/x"
+    assert cfg.train.lr == pytest.approx(0.1)
+    assert cfg.train.milestones == [3, 4]
+    assert cfg.data.options == {"labels_per_class": 20}
+    assert cfg.log.name == "123"
+    assert cfg.train.nesterov is False
+
+
+def test_override_to_null(tmp_path):
+    values = {**BASE, "data": {**BASE["data"], "root": "/x"}}
+    cfg = load_config(write(tmp_path, values), TeacherConfig, ["--data.root", "null"])
+    assert cfg.data.root is None
+
+
+def test_unknown_key_in_file_suggests_the_right_one(tmp_path):
+    values = {**BASE, "train": {"epoch": 3}}
+    msg = error_of(lambda: load_config(write(tmp_path, values), TeacherConfig))
+    assert "train.epoch" in msg and "train.epochs" not in msg.split("did you mean")[0]
+    assert "epochs" in msg and "c.yaml" in msg
+
+
+def test_unknown_key_on_command_line(tmp_path):
+    msg = error_of(lambda: load_config(write(tmp_path, BASE), TeacherConfig, ["--train.epohcs", "3"]))
+    assert "train.epohcs" in msg and "command line" in msg and "epochs" in msg
+
+
+def test_unknown_section(tmp_path):
+    msg = error_of(lambda: load_config(write(tmp_path, {**BASE, "trian": {}}), TeacherConfig))
+    assert "'trian'" in msg and "train" in msg
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    msg = error_of(lambda: load_config(write(tmp_path, BASE), TeacherConfig, ["--train.epochs", "many"]))
+    assert "train.epochs" in msg and "integer" in msg and "many" in msg
+
+
+def test_bool_is_not_an_integer_and_strings_are_not_bools(tmp_path):
+    error_of(lambda: load_config(write(tmp_path, BASE), TeacherConfig, ["--train.epochs", "true"]))
+    msg = error_of(lambda: load_config(write(tmp_path, BASE), TeacherConfig, ["--train.nesterov", "yes please"]))
+    assert "train.nesterov" in msg
+
+
+def test_out_of_range(tmp_path):
+    msg = error_of(lambda: load_config(write(tmp_path, BASE), TeacherConfig, ["--data.val_fraction", "0.9"]))
+    assert "data.val_fraction" in msg and "0.9" in msg
+    msg = error_of(lambda: load_config(write(tmp_path, BASE), TeacherConfig, ["--train.milestones", "[0]"]))
+    assert "train.milestones" in msg
+
+
+def test_choice_fields(tmp_path):
+    msg = error_of(lambda: load_config(write(tmp_path, BASE), TeacherConfig, ["--train.schedule", "linear"]))
+    assert "train.schedule" in msg and "cosine" in msg
+    msg = error_of(lambda: load_config(write(tmp_path, BASE), TeacherConfig, ["--train.device", "tpu"]))
+    assert "train.device" in msg
+
+
+def test_required_key_missing(tmp_path):
+    values = {k: v for k, v in BASE.items() if k != "model"}
+    msg = error_of(lambda: load_config(write(tmp_path, values), TeacherConfig))
+    assert "model.name" in msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    msg = error_of(lambda: load_config(tmp_path / "nope.yaml", TeacherConfig))
+    assert "nope.yaml" in msg
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    msg = error_of(lambda: load_config(bad, TeacherConfig))
+    assert "bad.yaml" in msg and "YAML" in msg
+
+
+def test_bad_override_syntax():
+    assert parse_overrides(["--a.b", "1", "--c.d=2"]) == [("a.b", "1"), ("c.d", "2")]
+    error_of(lambda: parse_overrides(["train.epochs", "3"]))
+    error_of(lambda: parse_overrides(["--train.epochs"]))
+    error_of(lambda: parse_overrides(["--epochs", "3"]))
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), TeacherConfig, ["--data.options.source_classes", "[1, 5]"])
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(cfg))
+    assert load_config(again, TeacherConfig) == cfg
+
+
+def test_shipped_configs_validate():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    teacher_files = sorted(root.glob("*/teacher*.yaml"))
+    assert teacher_files, "no teacher configs shipped"
+    for path in teacher_files:
+        load_config(path, TeacherConfig)

@@ -1,0 +1,118 @@
+"""The ``cktf`` command line: thin wrappers that load a config and call a stage.
+
+Every command takes ``--config FILE`` plus any config key as ``--section.key VALUE``; ``--help`` lists the
+keys. User errors print one line (``Error: …``) and exit 1; ``cktf --debug …`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from transfer import __version__
+from transfer.config import TeacherConfig, describe_options, load_config
+from transfer.errors import CKTFError
+
+OVERRIDABLE = {"ignore_unknown_options": True, "allow_extra_args": False, "help_option_names": ["-h", "--help"]}
+
+
+def one_line(err: BaseException) -> str:
+    """The user-facing line of an error, also when a DataLoader worker wrapped it in a traceback."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = last.split("CKTFError: ", 1)[-1]
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class CKTFGroup(click.Group):
+    """Turns :class:`CKTFError` into one line on stderr and a non-zero exit, unless ``--debug``."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CKTFError as err:
+            if ctx.meta.get("cktf.debug"):
+                raise
+            raise click.ClickException(one_line(err)) from None
+
+
+class ConfigCommand(click.Command):
+    """A command whose ``--help`` also lists every config key it accepts as an override."""
+
+    def __init__(self, *args, schema: type, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.schema = schema
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(key, f"{kind}. {text}") for key, kind, text in describe_options(self.schema)]
+        with formatter.section("Config keys (override any with --section.key VALUE)"):
+            formatter.write_dl(rows)
+        super().format_epilog(ctx, formatter)
+
+
+@click.group(cls=CKTFGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only print warnings and errors.")
+@click.version_option(__version__, prog_name="cktf")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """cktf: unsupervised cross-domain knowledge transfer.
+
+    \b
+    1. cktf train-teacher   supervised teacher on a labeled source domain
+    2. cktf transfer        KD / CRD / CKTF to a student on the unlabeled target (coming)
+    3. cktf probe           linear probe of the frozen student on the target (coming)
+    """
+    ctx.meta["cktf.debug"] = debug
+    logging.basicConfig(format="%(message)s", level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        force=True)
+
+
+_CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+                       help="YAML config file (see configs/).")
+_RESUME = click.option("--resume", is_flag=True, help="Continue the interrupted run in <log.root>/<log.name>.")
+_OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing run directory of the same name.")
+
+
+@cli.command("train-teacher", cls=ConfigCommand, schema=TeacherConfig, context_settings=OVERRIDABLE)
+@_CONFIG
+@_RESUME
+@_OVERWRITE
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--section.key VALUE]...")
+def train_teacher_cmd(config_path: str, resume: bool, overwrite: bool, overrides: tuple[str, ...]) -> None:
+    """Train a supervised teacher on the labeled source dataset.
+
+    Writes last.safetensors (every epoch), best.safetensors (best validation accuracy),
+    config.yaml, metrics.json and TensorBoard events to <log.root>/<log.name>.
+    """
+    from transfer.stages.teacher import train_teacher
+
+    cfg = load_config(config_path, TeacherConfig, overrides)
+    result = train_teacher(cfg, resume=resume, overwrite=overwrite)
+    final = result.final
+    msg = f"done: {cfg.log.root}/{cfg.log.name}"
+    if "test/acc" in final:
+        msg += f"  final test/acc {100 * final['test/acc']:.2f}%"
+    if result.best_epoch is not None:
+        msg += f"  best val/acc {100 * result.best_value:.2f}% (epoch {result.best_epoch})"
+    click.echo(msg)
+
+
+@cli.command("models")
+def models_cmd() -> None:
+    """List the registered model names."""
+    from transfer.models import list_models
+
+    for name in list_models():
+        click.echo(name)
+
+
+def main() -> None:
+    cli(prog_name="cktf")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Typed, validated configuration loaded from YAML with command-line overrides."""
+
+from transfer.config.loader import (
+    config_from_dict,
+    config_to_dict,
+    describe_options,
+    dump_config,
+    load_config,
+    option,
+    parse_overrides,
+)
+from transfer.config.schema import DataConfig, LogConfig, ModelConfig, TeacherConfig, TrainConfig
+
+__all__ = [
+    "DataConfig", "LogConfig", "ModelConfig", "TeacherConfig", "TrainConfig",
+    "config_from_dict", "config_to_dict", "describe_options", "dump_config", "load_config", "option",
+    "parse_overrides",
+]

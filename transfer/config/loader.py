@@ -1,0 +1,299 @@
+"""YAML configs validated into dataclasses, with ``--section.key value`` overrides.
+
+A config file is a mapping of sections (``data``, ``model``, ``train``, ``log``, …),
+each a mapping of keys. The schema is a tree of dataclasses; every field carries
+``metadata`` with ``help`` and optional ``min``/``max``. Validation errors are
+one line naming the key and its source (file or command line), so a typo never
+turns into a stack trace deep inside training.
+
+Example::
+
+    cfg = load_config("configs/fashion_split/teacher.yaml", TeacherConfig,
+                      overrides=["--train.epochs", "3"])
+    cfg.train.epochs  # 3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from transfer.errors import CKTFError
+
+T = typing.TypeVar("T")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
+           max: float | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a help text and an optional numeric range."""
+    meta = {"help": help, "min": min, "max": max}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` or raise :class:`_Mismatch`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Mismatch
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_coerce(v, inner) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported config type {tp!r}")
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}"
+
+
+def _build(cls: type[T], values: dict[str, Any], prefix: str, source: dict[str, str]) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            where = source.get(f"{prefix}{key}", source.get("", "config"))
+            raise CKTFError(f"unknown config key '{prefix}{key}' in {where}{_suggest(key, sorted(fields))}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        path = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            sub = values.get(name, {})
+            if sub is None:
+                sub = {}
+            if not isinstance(sub, dict):
+                raise CKTFError(f"config key '{path}' in {source.get(path, 'config')}: expected a mapping of keys, "
+                                f"got {sub!r}")
+            kwargs[name] = _build(tp, sub, f"{path}.", source)
+            continue
+        if name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise CKTFError(f"config key '{path}' is required ({f.metadata.get('help', '')})")
+            continue
+        raw = values[name]
+        try:
+            value = _coerce(raw, tp)
+        except _Mismatch:
+            raise CKTFError(f"config key '{path}' in {source.get(path, 'config')}: expected {_type_name(tp)}, "
+                            f"got {raw!r}") from None
+        _check_range(path, value, f.metadata, source)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check()
+    return obj
+
+
+def _check_range(path: str, value: Any, meta: dict, source: dict[str, str]) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f"≥ {lo}" if hi is None else (f"≤ {hi}" if lo is None else f"in [{lo}, {hi}]")
+            raise CKTFError(f"config key '{path}' in {source.get(path, 'config')}: expected a value {rng}, got {v!r}")
+
+
+def _field_type(cls: type, dotted: list[str]) -> Any:
+    """The declared type at ``dotted`` below ``cls``, or None when the path enters a free mapping."""
+    tp: Any = cls
+    for part in dotted:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def parse_overrides(args: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """Turn ``["--train.epochs", "3", "--data.root=/x"]`` into ``[("train.epochs", "3"), ("data.root", "/x")]``."""
+    pairs: list[tuple[str, str]] = []
+    args = list(args)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise CKTFError(f"unexpected argument '{arg}'; config overrides look like --section.key VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise CKTFError(f"option '--{key}' needs a value (config overrides look like --section.key VALUE)")
+            raw = args[i + 1]
+            i += 2
+        if "." not in key:
+            raise CKTFError(f"unknown option '--{key}'; config overrides look like --section.key VALUE "
+                            "(see --help for the keys)")
+        pairs.append((key, raw))
+    return pairs
+
+
+def _parse_raw(raw: str, tp: Any) -> Any:
+    """Interpret a command-line string for a field of type ``tp`` (YAML syntax, strings kept verbatim)."""
+    if tp is str:
+        return raw
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if raw.lower() in ("null", "none", "~"):
+            return None
+        if args == [str]:
+            return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(values: dict[str, Any], schema: type, overrides: list[tuple[str, str]],
+                    source: dict[str, str]) -> None:
+    """Set each dotted key of ``overrides`` into the nested ``values`` mapping (in place)."""
+    for key, raw in overrides:
+        parts = key.split(".")
+        tp = _field_type(schema, parts)
+        node = values
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise CKTFError(f"cannot set '--{key}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_raw(raw, tp)
+        source[key] = "the command line"
+
+
+def load_config(path: str | Path | None, schema: type[T], overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Read ``path`` (YAML), apply command-line ``overrides`` and validate into ``schema``."""
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise CKTFError(f"config file {p} does not exist (option --config)")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise CKTFError(f"config file {p} is not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise CKTFError(f"config file {p}: expected a mapping of sections at the top level")
+        values = loaded
+        source[""] = str(p)
+        _record_sources(values, "", str(p), source)
+    apply_overrides(values, schema, parse_overrides(overrides), source)
+    return _build(schema, values, "", source)
+
+
+def _record_sources(values: dict, prefix: str, where: str, source: dict[str, str]) -> None:
+    for key, value in values.items():
+        source[f"{prefix}{key}"] = where
+        if isinstance(value, dict):
+            _record_sources(value, f"{prefix}{key}.", where, source)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain data (for ``config.yaml`` and checkpoint metadata)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    """YAML text of the resolved config, sections in schema order."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_from_dict(values: dict[str, Any], schema: type[T], where: str) -> T:
+    """Validate an already-parsed mapping (e.g. a checkpoint's saved config) into ``schema``."""
+    return _build(schema, values, "", {"": where})
+
+
+def describe_options(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(--key, type, help [default])`` rows for every leaf of ``schema``, for ``--help``."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_options(tp, f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "required"
+        rows.append((f"--{prefix}{f.name}", _type_name(tp), f"{f.metadata.get('help', '')} [default: {default}]"))
+    return rows

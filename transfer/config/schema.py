@@ -1,0 +1,87 @@
+"""Config sections shared by every stage (teacher training, transfer, probing).
+
+Each stage's top-level config is a dataclass of these sections; later stages add
+their own (``teacher``, ``student``, ``loss``, ``sampler``, ``probe``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from transfer.config.loader import option
+from transfer.errors import CKTFError
+
+
+@dataclass
+class DataConfig:
+    """Which dataset and splits a stage reads."""
+
+    name: str = option(help="dataset: stl10, tinyimagenet, fashion_mnist, fashion_split, image_folder")
+    root: str | None = option(None, help="dataset directory (null: the dataset's default location, if any)")
+    train_split: str = option("train", help="split to train on")
+    val_split: str | None = option(None, help="validation split; null: hold out val_fraction of train_split")
+    val_fraction: float = option(0.1, help="fraction of train_split held out for validation when val_split is "
+                                 "null (0 disables validation)", min=0.0, max=0.5)
+    test_split: str | None = option(None, help="split evaluated after every epoch for reporting only "
+                                    "(never used for model selection)")
+    image_size: int | None = option(None, help="input resolution (null: the dataset's default)", min=8)
+    num_workers: int = option(0, help="DataLoader worker processes (0: load in the main process)", min=0)
+    options: dict[str, Any] = option(default_factory=dict, help="dataset-specific options, e.g. "
+                                     "--data.options.labels_per_class 20")
+
+
+@dataclass
+class ModelConfig:
+    """A network from the model registry."""
+
+    name: str = option(help="model name from the registry (see `cktf models`)")
+    taps: dict[str, Any] = option(default_factory=dict, help="feature-tap node names for models outside the "
+                                  "registry: stem, stages, blocks, penultimate, logits")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of the shared training engine."""
+
+    epochs: int = option(30, help="number of epochs", min=1)
+    batch_size: int = option(64, help="training batch size", min=1)
+    eval_batch_size: int = option(256, help="batch size for evaluation passes", min=1)
+    lr: float = option(0.05, help="initial learning rate of SGD", min=0.0)
+    momentum: float = option(0.9, help="SGD momentum", min=0.0, max=1.0)
+    nesterov: bool = option(True, help="Nesterov momentum")
+    weight_decay: float = option(5e-4, help="L2 weight decay", min=0.0)
+    schedule: Literal["step", "cosine", "constant"] = option("step", help="learning-rate schedule")
+    milestones: list[int] = option(default_factory=lambda: [150, 180, 210],
+                                   help="epochs at which the step schedule multiplies the lr by lr_decay", min=1)
+    lr_decay: float = option(0.1, help="step schedule factor", min=0.0, max=1.0)
+    seed: int = option(0, help="random seed (data order, augmentation, initialisation)", min=0)
+    threads: int = option(0, help="torch CPU threads (0: torch's default)", min=0)
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = option("fp32", help="autocast precision of the networks "
+                                                        "(fp16 uses a gradient scaler; CUDA only)")
+
+    def validate(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise CKTFError(f"config key 'train.device': expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class LogConfig:
+    """Where a run writes its checkpoints, TensorBoard events and config."""
+
+    name: str = option(help="run name; the run directory is <root>/<name>")
+    root: str = option("runs", help="directory holding all runs")
+    tensorboard: bool = option(True, help="write TensorBoard scalars")
+    progress: bool = option(True, help="show a progress bar on a terminal")
+    log_every: int = option(20, help="training steps between logged scalars", min=1)
+
+
+@dataclass
+class TeacherConfig:
+    """``cktf train-teacher``: supervised training on the labeled source domain."""
+
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    log: LogConfig

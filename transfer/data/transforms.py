@@ -1,0 +1,48 @@
+"""Train/eval pipelines (``torchvision.transforms.v2``) for uint8 ``C×H×W`` image tensors.
+
+Natural-image datasets follow the paper setting: everything at 64×64 (STL-10's 96×96 images are
+downscaled so source and target networks see the same resolution), normalised with ImageNet
+statistics. Fashion-MNIST keeps its 28×28 grayscale images, with pad-and-crop plus flip for training
+and statistics of its own train set.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+from transfer.errors import CKTFError
+
+IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
+# Per-pixel mean/std of the 60K Fashion-MNIST train images scaled to [0, 1]: 0.28604, 0.35302.
+FASHION_MNIST_MEAN: tuple[float, ...] = (0.2860,)
+FASHION_MNIST_STD: tuple[float, ...] = (0.3530,)
+
+NATURAL_DATASETS: tuple[str, ...] = ("stl10", "tinyimagenet", "image_folder")
+FASHION_DATASETS: tuple[str, ...] = ("fashion_mnist", "fashion_split")
+DEFAULT_IMAGE_SIZE = {**dict.fromkeys(NATURAL_DATASETS, 64), **dict.fromkeys(FASHION_DATASETS, 28)}
+
+
+def build_transform(dataset: str, train: bool, image_size: int | None = None) -> v2.Compose:
+    """The train (augmenting) or eval (deterministic) pipeline of ``dataset``; outputs float32 ``C×S×S``."""
+    if dataset not in DEFAULT_IMAGE_SIZE:
+        raise CKTFError(
+            f"no transform for dataset {dataset!r}; expected one of {', '.join(DEFAULT_IMAGE_SIZE)}"
+        )
+    size = DEFAULT_IMAGE_SIZE[dataset] if image_size is None else image_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise CKTFError(f"image size {image_size!r} is invalid; expected a positive integer")
+
+    if dataset in NATURAL_DATASETS:
+        if train:
+            steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        else:
+            steps = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        steps = [] if size == 28 else [v2.Resize(size, antialias=True)]
+        if train:
+            steps += [v2.RandomCrop(size, padding=2), v2.RandomHorizontalFlip()]
+        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

@@ -1,0 +1,46 @@
+"""Run logging: TensorBoard scalars, a progress bar and one summary line per epoch."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger("cktf")
+
+
+class RunLogger:
+    """Writes scalars to TensorBoard under the run directory (if enabled) and prints epoch summaries."""
+
+    def __init__(self, run_path: Path, *, tensorboard: bool = True, progress: bool = True,
+                 purge_step: int | None = None) -> None:
+        self.progress = progress and sys.stderr.isatty()
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_path), purge_step=purge_step)
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def bar(self, iterable: Iterable, total: int, desc: str) -> Any:
+        return tqdm(iterable, total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
+
+    def info(self, message: str) -> None:
+        log.info(message)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,90 @@
+"""Device, precision, threads and seeding: the process-level knobs of a run."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from transfer.errors import CKTFError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CKTFError(f"train.device is '{name}' but CUDA is not available on this machine; use cpu or auto")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CKTFError(f"train.device is '{name}' but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return device
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for the networks; ``fp32`` is a no-op. Losses that need fp32 disable it locally."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise CKTFError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_threads(threads: int) -> None:
+    """Respect ``train.threads`` (0 keeps torch's default of one thread per core)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A well-mixed 63-bit seed from ``seed`` and extra keys (e.g. the epoch)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG state as tensors (checkpointable without pickling)."""
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": torch.tensor(mt, dtype=torch.int64),
+        "python_version": version,
+        "python_gauss": gauss,
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_gauss": [int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate((state["python_version"], tuple(int(v) for v in state["python"].tolist()),
+                     state["python_gauss"]))
+    has_gauss, gauss = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         int(has_gauss), float(gauss)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def iter_chunks(n: int, size: int) -> Iterator[slice]:
+    """Slices covering ``range(n)`` in pieces of at most ``size``."""
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))

@@ -1,0 +1,41 @@
+"""The contract between the engine and a method.
+
+A :class:`Task` owns everything trainable and stateful of one stage (the
+network, projection heads, memory banks as buffers) and turns a batch into a
+loss. The engine owns the loop, optimisation, logging and checkpoints, so
+teacher training, KD/CRD/CKTF transfer and probing share one loop and differ
+only in their task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+@dataclass
+class StepOutput:
+    """A training step's loss plus detached scalar terms to log (as ``train/<name>``)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Task(nn.Module):
+    """Base class of everything the engine trains."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters handed to the optimizer (default: all that require grad)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def training_step(self, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader, device: torch.device, autocast: Any) -> dict[str, float]:
+        """Metrics on ``loader`` (e.g. ``{"acc": …}``); the engine logs them as ``<split>/<name>``."""
+        return {}

@@ -1,0 +1,194 @@
+"""The training loop every stage runs.
+
+Each epoch reseeds the global RNGs and the data order from ``(seed, epoch)``, so
+a run resumed from its last end-of-epoch checkpoint continues exactly as an
+uninterrupted one would. Checkpoints (``last`` every epoch, ``best`` when the
+selection metric improves on a *validation* split) hold the task, optimizer,
+epoch, best-so-far and RNG states.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from transfer.config import TrainConfig
+from transfer.engine.checkpoint import Checkpoint, save_checkpoint
+from transfer.engine.logger import RunLogger
+from transfer.engine.rundir import RunDir
+from transfer.engine.runtime import autocast, derive_seed, rng_state, seed_everything, set_rng_state
+from transfer.engine.schedule import apply_lr, build_optimizer
+from transfer.engine.task import Task
+from transfer.errors import CKTFError
+
+
+@dataclass
+class FitResult:
+    """What a finished :meth:`Engine.fit` reports (also written to ``metrics.json``)."""
+
+    history: list[dict[str, float]]
+    best_epoch: int | None
+    best_value: float | None
+    train_seconds: float
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+class Engine:
+    """Runs a :class:`Task` for ``cfg.epochs`` epochs with SGD, logging and atomic checkpoints."""
+
+    def __init__(self, task: Task, cfg: TrainConfig, run: RunDir, logger: RunLogger, device: torch.device,
+                 metadata: Mapping[str, Any], log_every: int = 20) -> None:
+        self.task = task.to(device)
+        self.log_every = log_every
+        self.cfg = cfg
+        self.run = run
+        self.logger = logger
+        self.device = device
+        self.metadata = dict(metadata)
+        self.optimizer = build_optimizer(cfg, task.trainable_parameters())
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.autocast = lambda: autocast(device, cfg.precision)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.best_value: float | None = None
+        self.best_epoch: int | None = None
+        self.train_seconds = 0.0
+        self.start_epoch = 0
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "task": self.task.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "step": self.step,
+            "best": {"epoch": self.best_epoch, "value": self.best_value},
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+            "rng": rng_state(),
+        }
+
+    def load_state(self, ckpt: Checkpoint) -> None:
+        """Continue from a checkpoint written by this engine."""
+        state = ckpt.state
+        try:
+            self.task.load_state_dict(state["task"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CKTFError(f"cannot resume from {ckpt.path}: it does not match this run's model "
+                            f"({str(err).splitlines()[0]})") from None
+        self.start_epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.best_epoch = state["best"]["epoch"]
+        self.best_value = state["best"]["value"]
+        self.history = list(state["history"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        set_rng_state(state["rng"])
+
+    def _save(self, epoch: int, improved: bool) -> None:
+        meta = dict(self.metadata, epoch=str(epoch))
+        state = self.state(epoch)
+        save_checkpoint(self.run.last, state, meta)
+        if improved:
+            save_checkpoint(self.run.best, state, meta)
+
+    # -- loop ------------------------------------------------------------------------------------------------
+    def fit(self, train_loader: DataLoader, eval_loaders: Mapping[str, DataLoader] | None = None,
+            select: str | None = None) -> FitResult:
+        """Train; evaluate ``eval_loaders`` after every epoch; keep ``best`` by ``select`` (e.g. ``val/acc``)."""
+        eval_loaders = dict(eval_loaders or {})
+        if select is not None and select.split("/")[0] not in eval_loaders:
+            select = None
+        if len(train_loader) == 0:
+            raise CKTFError("the training split is smaller than one batch; lower train.batch_size")
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            seed = derive_seed(self.cfg.seed, epoch)
+            seed_everything(seed)
+            if getattr(train_loader, "generator", None) is not None:
+                train_loader.generator.manual_seed(seed)
+            lr = apply_lr(self.cfg, self.optimizer, epoch)
+            t0 = time.perf_counter()
+            train_metrics = self._train_epoch(train_loader, epoch)
+            seconds = time.perf_counter() - t0
+            self.train_seconds += seconds
+            row: dict[str, float] = {"epoch": epoch + 1, "lr": lr, **train_metrics,
+                                     "train/images_per_s": train_metrics.pop("_images") / seconds}
+            for split, loader in eval_loaders.items():
+                self.task.eval()
+                for name, value in self.task.evaluate(loader, self.device, self.autocast).items():
+                    row[f"{split}/{name}"] = value
+            improved = False
+            if select is not None:
+                value = row.get(select)
+                if value is not None and (self.best_value is None or value > self.best_value):
+                    self.best_value, self.best_epoch, improved = value, epoch + 1, True
+            self.history.append(row)
+            self.logger.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
+            self.logger.flush()
+            self._save(epoch + 1, improved)
+            self.logger.info(_summary(row, self.cfg.epochs))
+        result = FitResult(self.history, self.best_epoch, self.best_value, self.train_seconds)
+        return result
+
+    def _train_epoch(self, loader: DataLoader, epoch: int) -> dict[str, float]:
+        self.task.train()
+        sums: dict[str, torch.Tensor] = {}
+        window: dict[str, torch.Tensor] = {}
+        window_steps = 0
+        images_seen = 0
+        bar = self.logger.bar(loader, total=len(loader), desc=f"epoch {epoch + 1}/{self.cfg.epochs}")
+        for images, targets, indices in bar:
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            indices = indices.to(self.device, non_blocking=True)
+            with self.autocast():
+                out = self.task.training_step(images, targets, indices)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(out.loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            images_seen += images.shape[0]
+            terms = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.terms.items()}}
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value.float()
+                window[key] = window.get(key, 0.0) + value.float()
+            window_steps += 1
+            if self.step % self.log_every == 0:
+                means = {f"train/{k}": (v / window_steps).item() for k, v in window.items()}
+                if not math.isfinite(means["train/loss"]):
+                    raise CKTFError(f"training diverged at epoch {epoch + 1}, step {self.step} (loss is "
+                                    f"{means['train/loss']}); lower train.lr")
+                self.logger.scalars(means, self.step)
+                bar.set_postfix(loss=f"{means['train/loss']:.4f}")
+                window, window_steps = {}, 0
+        steps = max(1, len(loader))
+        metrics = {f"train/{k}_epoch": (v / steps).item() for k, v in sums.items()}
+        if not math.isfinite(metrics["train/loss_epoch"]):
+            raise CKTFError(f"training diverged in epoch {epoch + 1} (loss is not finite); lower train.lr")
+        metrics["_images"] = float(images_seen)
+        return metrics
+
+
+def _summary(row: Mapping[str, float], epochs: int) -> str:
+    parts = [f"epoch {int(row['epoch'])}/{epochs}"]
+    for key, value in row.items():
+        if key in ("epoch",):
+            continue
+        if key.endswith("acc"):
+            parts.append(f"{key} {100 * value:.2f}%")
+        elif key in ("train/loss_epoch", "lr", "train/images_per_s") or key.endswith("/loss"):
+            parts.append(f"{key} {value:.4g}")
+    return "  ".join(parts)

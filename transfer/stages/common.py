@@ -1,0 +1,105 @@
+"""Wiring shared by the stages: datasets with their transforms, loaders, run setup."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset
+
+from transfer.config import DataConfig, config_to_dict, dump_config
+from transfer.data import build_dataset
+from transfer.data.indexed import IndexedSubset, holdout_split
+from transfer.data.transforms import build_transform
+from transfer.engine.checkpoint import load_checkpoint
+from transfer.engine.rundir import RunDir, write_text_atomic
+from transfer.errors import CKTFError
+
+# Keys that may differ between an interrupted run and its --resume (they do not change the result).
+RESUME_MAY_CHANGE = ("train.epochs", "train.threads", "train.device", "data.root", "data.num_workers",
+                     "log.progress", "log.root", "train.eval_batch_size")
+
+
+@dataclass
+class SplitSet:
+    """Train, validation and test datasets of one stage (validation/test may be absent)."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+
+
+def build_splits(cfg: DataConfig, seed: int) -> SplitSet:
+    """Datasets for ``cfg``: train with training augmentation, val/test with the eval transform.
+
+    Without ``val_split`` a ``val_fraction`` of the train split is held out (fixed by ``seed``), so model
+    selection never looks at the test split.
+    """
+    size = cfg.image_size
+    train_tf = build_transform(cfg.name, train=True, image_size=size)
+    eval_tf = build_transform(cfg.name, train=False, image_size=size)
+    train = build_dataset(cfg.name, cfg.train_split, cfg.root, train_tf, **cfg.options)
+    val: Dataset | None = None
+    if cfg.val_split is not None:
+        val = build_dataset(cfg.name, cfg.val_split, cfg.root, eval_tf, **cfg.options)
+    elif cfg.val_fraction > 0:
+        keep, held = holdout_split(len(train), cfg.val_fraction, seed)
+        val = IndexedSubset(build_dataset(cfg.name, cfg.train_split, cfg.root, eval_tf, **cfg.options), held)
+        train = IndexedSubset(train, keep)
+    test = None
+    if cfg.test_split is not None:
+        test = build_dataset(cfg.name, cfg.test_split, cfg.root, eval_tf, **cfg.options)
+    return SplitSet(train, val, test)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int,
+                device: torch.device) -> DataLoader:
+    """A DataLoader with its own generator (reseeded by the engine every epoch for exact resumes)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) >= batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator() if train else None,
+    )
+
+
+def write_run_config(run: RunDir, cfg: Any, *, resume: bool) -> None:
+    """Save the resolved config; on resume, refuse a config that would change the run's result."""
+    if resume and run.config.is_file():
+        saved = _flatten(yaml.safe_load(run.config.read_text()) or {})
+        now = _flatten(config_to_dict(cfg))
+        for key in sorted(set(saved) | set(now)):
+            if key in RESUME_MAY_CHANGE:
+                continue
+            if saved.get(key) != now.get(key):
+                raise CKTFError(f"--resume with a different config: '{key}' was {saved.get(key)!r} in "
+                                f"{run.config}, now {now.get(key)!r}; resume with the original settings")
+    write_text_atomic(run.config, dump_config(cfg))
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value and not prefix.startswith("data.options"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_checkpoint(run: RunDir, resume: bool):
+    """The checkpoint to continue from, or None for a fresh run."""
+    return load_checkpoint(run.last) if resume else None
+
+
+def config_metadata(cfg: Any) -> str:
+    return dump_config(cfg)
+
+
+__all__ = ["SplitSet", "build_splits", "make_loader", "write_run_config", "resume_checkpoint", "dataclasses"]

@@ -1,0 +1,72 @@
+"""``cktf train-teacher``: supervised training of the teacher on the labeled source domain.
+
+Keeps ``last.safetensors`` (every epoch) and ``best.safetensors`` (best accuracy on a validation split held
+out of the source train set; the test split is reported, never used for selection).
+"""
+
+from __future__ import annotations
+
+import time
+
+from transfer.config import TeacherConfig, dump_config
+from transfer.engine.logger import RunLogger
+from transfer.engine.rundir import prepare_run_dir, write_json
+from transfer.engine.runtime import resolve_device, seed_everything, set_threads
+from transfer.engine.trainer import Engine, FitResult
+from transfer.models import build_model
+from transfer.stages.common import build_splits, make_loader, resume_checkpoint, write_run_config
+from transfer.tasks import SupervisedTask
+
+
+def train_teacher(cfg: TeacherConfig, *, resume: bool = False, overwrite: bool = False) -> FitResult:
+    """Train the teacher described by ``cfg`` into ``<log.root>/<log.name>``."""
+    set_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    splits = build_splits(cfg.data, cfg.train.seed)
+    run = prepare_run_dir(cfg.log.root, cfg.log.name, resume=resume, overwrite=overwrite)
+    ckpt = resume_checkpoint(run, resume)
+    write_run_config(run, cfg, resume=resume)
+
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model.name, in_channels=splits.train.in_channels, num_classes=splits.train.num_classes)
+    task = SupervisedTask(model)
+    metadata = {
+        "kind": "teacher",
+        "model": cfg.model.name,
+        "in_channels": str(splits.train.in_channels),
+        "num_classes": str(splits.train.num_classes),
+        "dataset": cfg.data.name,
+        "config": dump_config(cfg),
+    }
+    logger = RunLogger(run.path, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
+                       purge_step=int(ckpt.state["step"]) + 1 if ckpt is not None else None)
+    engine = Engine(task, cfg.train, run, logger, device, metadata, log_every=cfg.log.log_every)
+    if ckpt is not None:
+        engine.load_state(ckpt)
+        logger.info(f"resuming {run.path} after epoch {engine.start_epoch}")
+    workers = cfg.data.num_workers
+    train_loader = make_loader(splits.train, cfg.train.batch_size, train=True, num_workers=workers, device=device)
+    evals = {}
+    if splits.val is not None:
+        evals["val"] = make_loader(splits.val, cfg.train.eval_batch_size, train=False, num_workers=workers,
+                                   device=device)
+    if splits.test is not None:
+        evals["test"] = make_loader(splits.test, cfg.train.eval_batch_size, train=False, num_workers=workers,
+                                    device=device)
+    t0 = time.perf_counter()
+    result = engine.fit(train_loader, evals, select="val/acc" if "val" in evals else None)
+    logger.close()
+    final = result.final
+    best_row = result.history[result.best_epoch - 1] if result.best_epoch else final
+    write_json(run.metrics, {
+        "kind": "teacher",
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "epochs": len(result.history),
+        "final": final,
+        "best_epoch": result.best_epoch,
+        "best": best_row,
+        "train_seconds": result.train_seconds,
+        "wall_seconds_this_invocation": time.perf_counter() - t0,
+    })
+    return result

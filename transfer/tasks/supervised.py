@@ -1,0 +1,48 @@
+"""Supervised classification: how the teacher learns the labeled source domain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from transfer.engine.task import StepOutput, Task
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.device,
+                        autocast: Any) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on a labeled ``loader``."""
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for images, targets, _ in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
+        correct += (logits.argmax(dim=1) == targets).sum()
+        count += targets.numel()
+    if count == 0:
+        return {}
+    return {"acc": correct.item() / count, "loss": loss_sum.item() / count}
+
+
+class SupervisedTask(Task):
+    """Cross-entropy on labeled images (``cktf train-teacher``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> StepOutput:
+        logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), targets)
+        return StepOutput(loss)
+
+    def evaluate(self, loader: DataLoader, device: torch.device, autocast: Any) -> dict[str, float]:
+        return evaluate_classifier(self.model, loader, device, autocast)
