@@ -106,9 +106,11 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config type {tp!r}")
 
 
-def _suggest(name: str, choices: list[str]) -> str:
+def _suggest(name: str, choices: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(name, choices, n=1)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}"
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys: {', '.join(prefix + c for c in choices)}"
 
 
 def _build(cls: type[T], values: dict[str, Any], prefix: str, source: dict[str, str]) -> T:
@@ -116,8 +118,8 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str, source: dict[str, 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
         if key not in fields:
-            where = source.get(f"{prefix}{key}", source.get("", "config"))
-            raise CKTFError(f"unknown config key '{prefix}{key}' in {where}{_suggest(key, sorted(fields))}")
+            where = source.get(f"{prefix}{key}", source.get("", "in the config"))
+            raise CKTFError(f"unknown config key '{prefix}{key}' {where}{_suggest(key, sorted(fields), prefix)}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         path = f"{prefix}{name}"
@@ -127,7 +129,7 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str, source: dict[str, 
             if sub is None:
                 sub = {}
             if not isinstance(sub, dict):
-                raise CKTFError(f"config key '{path}' in {source.get(path, 'config')}: expected a mapping of keys, "
+                raise CKTFError(f"config key '{path}' {source.get(path, 'in the config')}: expected a mapping of keys, "
                                 f"got {sub!r}")
             kwargs[name] = _build(tp, sub, f"{path}.", source)
             continue
@@ -139,7 +141,7 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str, source: dict[str, 
         try:
             value = _coerce(raw, tp)
         except _Mismatch:
-            raise CKTFError(f"config key '{path}' in {source.get(path, 'config')}: expected {_type_name(tp)}, "
+            raise CKTFError(f"config key '{path}' {source.get(path, 'in the config')}: expected {_type_name(tp)}, "
                             f"got {raw!r}") from None
         _check_range(path, value, f.metadata, source)
         kwargs[name] = value
@@ -158,7 +160,8 @@ def _check_range(path: str, value: Any, meta: dict, source: dict[str, str]) -> N
             continue
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             rng = f"≥ {lo}" if hi is None else (f"≤ {hi}" if lo is None else f"in [{lo}, {hi}]")
-            raise CKTFError(f"config key '{path}' in {source.get(path, 'config')}: expected a value {rng}, got {v!r}")
+            where = source.get(path, "in the config")
+            raise CKTFError(f"config key '{path}' {where}: expected a value {rng}, got {v!r}")
 
 
 def _field_type(cls: type, dotted: list[str]) -> Any:
@@ -230,7 +233,7 @@ def apply_overrides(values: dict[str, Any], schema: type, overrides: list[tuple[
                 raise CKTFError(f"cannot set '--{key}': '{part}' is not a section")
             node = child
         node[parts[-1]] = _parse_raw(raw, tp)
-        source[key] = "the command line"
+        source[key] = "on the command line"
 
 
 def load_config(path: str | Path | None, schema: type[T], overrides: list[str] | tuple[str, ...] = ()) -> T:
@@ -252,8 +255,8 @@ def load_config(path: str | Path | None, schema: type[T], overrides: list[str] |
         if not isinstance(loaded, dict):
             raise CKTFError(f"config file {p}: expected a mapping of sections at the top level")
         values = loaded
-        source[""] = str(p)
-        _record_sources(values, "", str(p), source)
+        source[""] = f"in {p}"
+        _record_sources(values, "", f"in {p}", source)
     apply_overrides(values, schema, parse_overrides(overrides), source)
     return _build(schema, values, "", source)
 
@@ -277,7 +280,7 @@ def dump_config(cfg: Any) -> str:
 
 def config_from_dict(values: dict[str, Any], schema: type[T], where: str) -> T:
     """Validate an already-parsed mapping (e.g. a checkpoint's saved config) into ``schema``."""
-    return _build(schema, values, "", {"": where})
+    return _build(schema, values, "", {"": f"in {where}"})
 
 
 def describe_options(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -35,6 +35,14 @@ class Task(nn.Module):
     def training_step(self, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> StepOutput:
         raise NotImplementedError
 
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores of this task (default: the whole ``state_dict``)."""
+        return self.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`checkpoint_state` output (strict: every key must match)."""
+        self.load_state_dict(state)
+
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, device: torch.device, autocast: Any) -> dict[str, float]:
         """Metrics on ``loader`` (e.g. ``{"acc": …}``); the engine logs them as ``<split>/<name>``."""

@@ -67,7 +67,7 @@ class Engine:
     # -- state -----------------------------------------------------------------------------------------------
     def state(self, epoch: int) -> dict[str, Any]:
         return {
-            "task": self.task.state_dict(),
+            "task": self.task.checkpoint_state(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
@@ -82,7 +82,7 @@ class Engine:
         """Continue from a checkpoint written by this engine."""
         state = ckpt.state
         try:
-            self.task.load_state_dict(state["task"])
+            self.task.load_checkpoint_state(state["task"])
             self.optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
