@@ -97,6 +97,7 @@ def test_tensorboard_events_hold_losses_and_lr(tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "lr", "val/acc", "train/images_per_s"} <= tags
+    assert not any(tag.startswith("_") for tag in tags)
     assert [e.step for e in acc.Scalars("val/acc")] == [1, 2]
 
 

@@ -12,7 +12,7 @@ import sys
 import click
 
 from transfer import __version__
-from transfer.config import TeacherConfig, describe_options, load_config
+from transfer.config import TeacherConfig, TransferConfig, describe_options, load_config
 from transfer.errors import CKTFError
 
 OVERRIDABLE = {"ignore_unknown_options": True, "allow_extra_args": False, "help_option_names": ["-h", "--help"]}
@@ -63,7 +63,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
     \b
     1. cktf train-teacher   supervised teacher on a labeled source domain
-    2. cktf transfer        KD / CRD / CKTF to a student on the unlabeled target (coming)
+    2. cktf transfer        KD / CRD / CKTF to a student on the unlabeled target
     3. cktf probe           linear probe of the frozen student on the target (coming)
     """
     ctx.meta["cktf.debug"] = debug
@@ -99,6 +99,32 @@ def train_teacher_cmd(config_path: str, resume: bool, overwrite: bool, overrides
     if result.best_epoch is not None:
         msg += f"  best val/acc {100 * result.best_value:.2f}% (epoch {result.best_epoch})"
     click.echo(msg)
+
+
+@cli.command("transfer", cls=ConfigCommand, schema=TransferConfig, context_settings=OVERRIDABLE)
+@_CONFIG
+@click.option("--teacher", "teacher_path", type=click.Path(dir_okay=False),
+              help="Teacher checkpoint (best.safetensors of cktf train-teacher); sets teacher.checkpoint.")
+@_RESUME
+@_OVERWRITE
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--section.key VALUE]...")
+def transfer_cmd(config_path: str, teacher_path: str | None, resume: bool, overwrite: bool,
+                 overrides: tuple[str, ...]) -> None:
+    """Transfer a frozen teacher's knowledge to a student on the unlabeled target split.
+
+    The method is set by the loss weights (configs/*/{kd,crd,cktf,cktf_kd}.yaml). Writes last.safetensors
+    (student, projection heads, memory banks, Z), config.yaml, metrics.json and TensorBoard events (one
+    scalar per loss term) to <log.root>/<log.name>.
+    """
+    from transfer.stages.transfer import run_transfer
+
+    if teacher_path is not None:
+        overrides = (*overrides, "--teacher.checkpoint", teacher_path)
+    cfg = load_config(config_path, TransferConfig, overrides)
+    result = run_transfer(cfg, resume=resume, overwrite=overwrite)
+    first, final = result.history[0], result.final
+    click.echo(f"done: {cfg.log.root}/{cfg.log.name}  method {cfg.loss.method}  loss {first['train/loss_epoch']:.4f}"
+               f" (epoch 1) -> {final['train/loss_epoch']:.4f} (epoch {int(final['epoch'])})")
 
 
 @cli.command("models")

@@ -9,10 +9,21 @@ from transfer.config.loader import (
     option,
     parse_overrides,
 )
-from transfer.config.schema import DataConfig, LogConfig, ModelConfig, TeacherConfig, TrainConfig
+from transfer.config.schema import (
+    DataConfig,
+    LogConfig,
+    LossConfig,
+    ModelConfig,
+    SamplerConfig,
+    TeacherConfig,
+    TeacherRefConfig,
+    TrainConfig,
+    TransferConfig,
+)
 
 __all__ = [
-    "DataConfig", "LogConfig", "ModelConfig", "TeacherConfig", "TrainConfig",
+    "DataConfig", "LogConfig", "LossConfig", "ModelConfig", "SamplerConfig", "TeacherConfig", "TeacherRefConfig",
+    "TrainConfig", "TransferConfig",
     "config_from_dict", "config_to_dict", "describe_options", "dump_config", "load_config", "option",
     "parse_overrides",
 ]

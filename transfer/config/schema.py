@@ -85,3 +85,68 @@ class TeacherConfig:
     model: ModelConfig
     train: TrainConfig
     log: LogConfig
+
+
+@dataclass
+class TeacherRefConfig:
+    """The frozen teacher of a transfer: a checkpoint written by ``cktf train-teacher``."""
+
+    checkpoint: str | None = option(None, help="teacher checkpoint (.safetensors from train-teacher); also --teacher")
+    taps: dict[str, Any] = option(default_factory=dict, help="feature-tap node names overriding the teacher "
+                                  "model's defaults")
+
+
+@dataclass
+class LossConfig:
+    """``L = γ·CE + α1·Σ_m L_MCKT + α2·L_PCKT + θ·L_distill`` — the method is the set of non-zero weights."""
+
+    method: str = option("cktf", help="label of the method in logs and reports (kd, crd, cktf, cktf_kd, …)")
+    ce: float = option(0.0, help="γ: cross-entropy weight; needs labels, 0 for unsupervised transfer", min=0.0)
+    mckt: float = option(0.8, help="α1: weight of the sum of intermediate-module contrastive terms", min=0.0)
+    pckt: float = option(0.2, help="α2: weight of the penultimate contrastive term (CRD alone = pckt only)",
+                         min=0.0)
+    kd: float = option(0.0, help="θ: weight of the KD term KL(softmax(T/ρ)‖softmax(S/ρ))·ρ²", min=0.0)
+    temperature: float = option(0.1, help="τ of the NCE objectives", min=1e-4)
+    kd_temperature: float = option(4.0, help="ρ of the KD term", min=1e-4)
+    embed_dim: int = option(128, help="d: projection output size", min=16, max=1024)
+    projection: Literal["linear", "mlp"] = option("linear", help="projection head g(·)")
+    nce_momentum: float = option(0.5, help="memory-bank momentum", min=0.0, max=1.0)
+    layer_mapping: Literal["last", "first", "random", "largest", "smallest"] = option(
+        "last", help="which teacher block of each stage pairs with the student's last block")
+
+    def validate(self) -> None:
+        if self.ce == 0 and self.mckt == 0 and self.pckt == 0 and self.kd == 0:
+            raise CKTFError("config keys loss.ce, loss.mckt, loss.pckt and loss.kd are all 0; set at least one weight")
+
+
+@dataclass
+class SamplerConfig:
+    """How the K negatives of every anchor are drawn (see transfer/sampling)."""
+
+    kind: Literal["uniform", "debiased", "hard"] = option("uniform", help="uniform (CRD), debiased (exclude the "
+                                                          "anchor's teacher-space neighbours) or hard")
+    num_negatives: int = option(16384, help="K: negatives per anchor", min=1)
+    k: int = option(32, help="neighbours per item in the faiss table (debiased/hard exclude the first k)", min=1)
+    hard_fraction: float = option(0.1, help="hard: fraction of K taken from the neighbours ranked just after k",
+                                  min=0.0, max=1.0)
+    hard_pool: int = option(64, help="hard: how many neighbours after the excluded k are hard candidates", min=1)
+    index: Literal["auto", "flat", "ivf"] = option("auto", help="faiss index: exact flat up to 200K items, IVF "
+                                                   "beyond (auto)")
+    cache_dir: str = option("data_cache/neighbours", help="where neighbour tables are cached")
+
+
+@dataclass
+class TransferConfig:
+    """``cktf transfer``: a frozen teacher teaches a student on the unlabeled target domain.
+
+    During transfer the student's classifier has the *teacher's* (source) classes, as in the paper's step 1
+    (a "student-fc200" on unlabeled STL-10); the linear probe later replaces it.
+    """
+
+    data: DataConfig
+    teacher: TeacherRefConfig
+    student: ModelConfig
+    loss: LossConfig
+    sampler: SamplerConfig
+    train: TrainConfig
+    log: LogConfig

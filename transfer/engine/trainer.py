@@ -123,8 +123,9 @@ class Engine:
             train_metrics = self._train_epoch(train_loader, epoch)
             seconds = time.perf_counter() - t0
             self.train_seconds += seconds
+            images = train_metrics.pop("_images")
             row: dict[str, float] = {"epoch": epoch + 1, "lr": lr, **train_metrics,
-                                     "train/images_per_s": train_metrics.pop("_images") / seconds}
+                                     "train/images_per_s": images / seconds}
             for split, loader in eval_loaders.items():
                 self.task.eval()
                 for name, value in self.task.evaluate(loader, self.device, self.autocast).items():

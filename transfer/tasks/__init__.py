@@ -3,3 +3,4 @@
 from transfer.tasks.supervised import SupervisedTask, evaluate_classifier
 
 __all__ = ["SupervisedTask", "evaluate_classifier"]
+

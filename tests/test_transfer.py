@@ -1,0 +1,165 @@
+"""`cktf transfer` end to end on a tiny Fashion-MNIST fixture, plus the task's gradient contract."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.data_fixtures import write_fashion_idx
+from transfer.cli import cli
+from transfer.config import LossConfig
+from transfer.engine.checkpoint import load_checkpoint
+from transfer.losses.terms import TermContext, build_terms
+from transfer.models import FeatureTaps, build_model, tap_spec_for
+from transfer.sampling import build_sampler
+from transfer.tasks.transfer import TransferTask
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs/fashion_split"
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(cli, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transfer")
+    write_fashion_idx(root / "fashion", n_train=400, n_test=100)
+    code, out = invoke("train-teacher", "--config", str(CONFIGS / "teacher.yaml"), "--data.root",
+                       str(root / "fashion"), "--log.root", str(root / "runs"), "--log.name", "teacher",
+                       "--model.name", "resnet8", "--train.epochs", "1", "--train.batch_size", "32",
+                       "--log.tensorboard", "false")
+    assert code == 0, out
+    return root
+
+
+def transfer_args(root: Path, method: str, name: str, *extra: str) -> list[str]:
+    return ["transfer", "--config", str(CONFIGS / f"{method}.yaml"), "--teacher",
+            str(root / "runs/teacher/best.safetensors"), "--data.root", str(root / "fashion"), "--log.root",
+            str(root / "runs"), "--log.name", name, "--train.batch_size", "16", "--train.epochs", "2",
+            "--sampler.num_negatives", "64", "--sampler.cache_dir", str(root / "cache"), "--log.log_every", "1",
+            *extra]
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("method,terms", [
+    ("kd", {"train/kd"}),
+    ("crd", {"train/pckt"}),
+    ("cktf", {"train/pckt", "train/mckt/stem", "train/mckt/stage1", "train/mckt/stage2", "train/mckt/stage3"}),
+    ("cktf_kd", {"train/kd", "train/pckt", "train/mckt/stem"}),
+])
+def test_each_method_runs_and_logs_its_terms(setup, method, terms):
+    code, out = invoke(*transfer_args(setup, method, f"t_{method}"))
+    assert code == 0, out
+    run_dir = setup / "runs" / f"t_{method}"
+    tags = scalar_tags(run_dir)
+    assert terms <= tags and {"train/loss", "lr", "train/images_per_s"} <= tags
+    ckpt = load_checkpoint(run_dir / "last.safetensors")
+    assert ckpt.metadata["kind"] == "transfer" and ckpt.metadata["method"] == method
+    assert not any(k.startswith("teacher.") for k in ckpt.state["task"])
+    assert any(k.startswith("student.model.") for k in ckpt.state["task"])
+    if method != "kd":
+        banks = [k for k in ckpt.state["task"] if k.endswith("weight") and "bank_" in k]
+        zs = [k for k in ckpt.state["task"] if k.endswith(("z_student", "z_teacher"))]
+        assert banks and zs and all(torch.isfinite(ckpt.state["task"][k]).all() for k in zs)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()
+
+
+def test_contrastive_loss_decreases(setup):
+    code, out = invoke(*transfer_args(setup, "crd", "learn", "--train.epochs", "6", "--train.lr", "0.1"))
+    assert code == 0, out
+    history = load_checkpoint(setup / "runs/learn/last.safetensors").state["history"]
+    losses = [row["train/loss_epoch"] for row in history]
+    assert losses[-1] < losses[0], losses
+
+
+def test_resume_restores_banks_z_and_heads(setup):
+    assert invoke(*transfer_args(setup, "cktf", "r_straight"))[0] == 0
+    assert invoke(*transfer_args(setup, "cktf", "r_split", "--train.epochs", "1"))[0] == 0
+    code, out = invoke(*transfer_args(setup, "cktf", "r_split", "--resume"))
+    assert code == 0, out
+    a = load_checkpoint(setup / "runs/r_straight/last.safetensors").state["task"]
+    b = load_checkpoint(setup / "runs/r_split/last.safetensors").state["task"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_debiased_sampler_builds_then_reuses_neighbour_cache(setup, caplog):
+    args = transfer_args(setup, "crd", "deb", "--sampler.kind", "debiased", "--sampler.k", "4",
+                         "--train.epochs", "1")
+    with caplog.at_level("INFO", logger="cktf"):
+        assert invoke(*args)[0] == 0
+    tables = list((setup / "cache").glob("neighbours-*.safetensors"))
+    assert len(tables) == 1
+    stamp = tables[0].stat().st_mtime_ns
+    assert invoke(*transfer_args(setup, "crd", "deb2", "--sampler.kind", "debiased", "--sampler.k", "4",
+                                 "--train.epochs", "1"))[0] == 0
+    assert tables[0].stat().st_mtime_ns == stamp and len(list((setup / "cache").glob("*.safetensors"))) == 1
+
+
+def one_line_error(code: int, out: str, *needles: str) -> None:
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("Error:"), out
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_k_not_smaller_than_the_pool_is_one_line(setup):
+    code, out = invoke(*transfer_args(setup, "crd", "bigk", "--sampler.num_negatives", "100000"))
+    one_line_error(code, out, "num_negatives")
+    assert not (setup / "runs/bigk").exists()
+
+
+def test_teacher_that_is_not_a_checkpoint(setup, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("hello")
+    args = transfer_args(setup, "cktf", "junk")
+    args[args.index("--teacher") + 1] = str(junk)
+    one_line_error(*invoke(*args), "junk.safetensors")
+    student_ckpt = setup / "runs/t_kd/last.safetensors"
+    if student_ckpt.exists():
+        args[args.index("--teacher") + 1] = str(student_ckpt)
+        one_line_error(*invoke(*args), "'transfer' checkpoint", "teacher")
+
+
+def test_student_whose_taps_cannot_be_mapped(setup):
+    code, out = invoke(*transfer_args(setup, "cktf", "vgg", "--student.name", "vgg8"))
+    one_line_error(code, out, "vgg8", "stages")
+
+
+def test_gradients_reach_student_and_heads_never_teacher():
+    torch.manual_seed(0)
+    student = FeatureTaps(build_model("resnet8", 1, 5), tap_spec_for("resnet8"))
+    teacher_model = build_model("resnet14", 1, 5)
+    teacher = FeatureTaps(teacher_model, tap_spec_for("resnet14"))
+    shape = (1, 28, 28)
+    ctx = TermContext(student.channels(shape), teacher.channels(shape), num_items=50, mapping=[-1, -1, -1])
+    cfg = LossConfig(mckt=0.8, pckt=0.2, kd=1.0)
+    terms, weights = build_terms(cfg, ctx)
+    task = TransferTask(student, teacher, terms, weights, build_sampler("uniform", 50, 8))
+    task.train()
+    assert not teacher.training and all(not m.training for m in teacher_model.modules())
+    bn = next(m for m in teacher_model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn_before = bn.running_mean.clone()
+    out = task.training_step(torch.randn(6, 1, 28, 28), torch.full((6,), -1), torch.arange(6))
+    out.loss.backward()
+    assert all(p.grad is None for p in teacher_model.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    heads = [p for name, p in task.named_parameters() if "head_" in name]
+    assert heads and all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads)
+    assert {id(p) for p in task.trainable_parameters()} == {id(p) for p in student.parameters()} | {
+        id(p) for p in terms.parameters()}
+    assert torch.equal(bn.running_mean, bn_before)
+    assert set(out.terms) >= {"kd", "pckt", "mckt/stem", "mckt/stage3"}

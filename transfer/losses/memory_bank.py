@@ -1,0 +1,92 @@
+"""CRD's memory bank: one slowly moving embedding per dataset item.
+
+The NCE objectives of CRD (Tian et al., ICLR 2020, §3.2) and CKTF (eq. 3-5) contrast an anchor with K
+negatives drawn from the *whole* dataset. Recomputing K embeddings per anchor is unaffordable, so each
+item keeps a row in a bank that is refreshed, after the loss of the step, with a momentum average of
+its latest embedding and re-normalised to the unit sphere (CRD's ``memory_v1``/``memory_v2``).
+
+The bank is a persistent buffer: it follows ``.to(device)``, is part of ``state_dict()`` and so is
+checkpointed and restored on resume, and never receives gradients. Cost: ``N·d·4`` bytes in fp32,
+e.g. 100 000 items × 128 dims = 51 MB per bank (an NCE pair holds two).
+
+Example::
+
+    bank = MemoryBank(num_items=len(dataset), dim=128)
+    rows = bank.rows(indices)            # [B, 128], for scoring
+    bank.update(indices, g.detach())     # after the loss, once per step
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transfer.errors import CKTFError
+
+
+class MemoryBank(nn.Module):
+    """``num_items`` rows of size ``dim``, initialised uniformly in ``±1/sqrt(dim/3)``.
+
+    That range gives every coordinate variance ``1/dim``, so an initial row has norm ≈ 1 and initial
+    scores sit on the same scale as those of the unit-norm embeddings that replace them (CRD's init).
+    """
+
+    weight: Tensor
+
+    def __init__(self, num_items: int, dim: int, momentum: float = 0.5,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if num_items < 1:
+            raise CKTFError(f"the memory bank needs at least one item (number of unlabeled items N={num_items})")
+        if dim < 1:
+            raise CKTFError(f"loss.embed_dim must be positive; got {dim}")
+        if not 0.0 <= momentum <= 1.0:
+            raise CKTFError(f"loss.nce_momentum must be in [0, 1]; got {momentum}")
+        self.num_items = num_items
+        self.dim = dim
+        self.momentum = momentum
+        bound = 1.0 / math.sqrt(dim / 3.0)
+        weight = torch.rand(num_items, dim, generator=generator).mul_(2 * bound).sub_(bound)
+        self.register_buffer("weight", weight, persistent=True)
+
+    def rows(self, indices: Tensor) -> Tensor:
+        """The bank rows of ``indices`` (a copy), shape ``[*indices.shape, dim]``."""
+        return self.weight[indices]
+
+    @torch.no_grad()
+    def update(self, indices: Tensor, embeddings: Tensor) -> None:
+        """``weight[i] <- normalise(m·weight[i] + (1-m)·e)`` for each ``(i, e)``; the only write to the bank.
+
+        Duplicate indices in one call: every occurrence is blended with the row as it was *before* the
+        call and the last occurrence wins, deterministically (``index_copy_`` alone leaves the winner
+        unspecified, so duplicates are dropped first).
+
+        Distributed training: this is the single write path on purpose. Under ``torch.distributed`` a
+        later change all-gathers ``(indices, embeddings)`` across ranks here, before the write, so every
+        rank applies the same update and the banks stay identical. That costs an all-gather of
+        ``B·world·d`` floats per step; without it each rank only writes its own shard of the batch and
+        the banks drift apart, a known bug of the reference CRD code under DDP.
+        """
+        if indices.dim() != 1 or embeddings.shape != (indices.shape[0], self.dim):
+            raise CKTFError(f"memory-bank update expects indices [B] and embeddings [B, {self.dim}] "
+                            f"(loss.embed_dim); got {tuple(indices.shape)} and {tuple(embeddings.shape)}")
+        indices, embeddings = _last_occurrence(indices.long(), embeddings)
+        old = self.weight.index_select(0, indices)
+        new = old.mul_(self.momentum).add_(embeddings.to(self.weight.dtype), alpha=1.0 - self.momentum)
+        self.weight.index_copy_(0, indices, F.normalize(new, dim=1))
+
+    def extra_repr(self) -> str:
+        return f"num_items={self.num_items}, dim={self.dim}, momentum={self.momentum}"
+
+
+def _last_occurrence(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Keep, for every distinct index, only its last ``(index, value)`` pair."""
+    unique, inverse = torch.unique(indices, return_inverse=True)
+    if unique.numel() == indices.numel():
+        return indices, values
+    position = torch.arange(indices.numel(), device=indices.device)
+    last = torch.full_like(unique, -1).scatter_reduce_(0, inverse, position, reduce="amax")
+    return indices[last], values[last]

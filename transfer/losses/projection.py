@@ -1,0 +1,71 @@
+"""CKTF's projection ``g(·)``: pool a tapped feature map to a vector, project it, put it on the unit sphere.
+
+CKTF eq. 2 pools each module's output ``[B, C, H, W]`` to ``[B, C]`` (global average pooling) before a
+small head maps it to the d-dimensional space where the NCE objectives compare student and teacher
+(CRD's ``Embed``). Normalisation is per sample (over features) only: the reference code normalised
+across the batch dimension (``dim=0``) before pooling, a bug that couples samples in a batch and makes
+an embedding depend on its batch-mates.
+
+Example::
+
+    head = ProjectionHead(in_dim=512, out_dim=128)       # or kind="mlp"
+    g = head(stage4_features)                            # [B, 128], unit norm
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import einops
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transfer.errors import CKTFError
+
+_EMBED_RANGE = (16, 1024)
+
+
+def pool_flatten(x: Tensor) -> Tensor:
+    """``[B, C, H, W]`` → mean over H, W; ``[B, N, C]`` tokens → mean over N; ``[B, C]`` unchanged.
+
+    Never normalises or averages across the batch dimension (see the module docstring).
+    """
+    if x.dim() == 4:
+        return einops.reduce(x, "b c h w -> b c", "mean")
+    if x.dim() == 3:
+        return einops.reduce(x, "b n c -> b c", "mean")
+    if x.dim() == 2:
+        return x
+    raise CKTFError(f"cannot pool a feature of shape {tuple(x.shape)}: expected [B, C, H, W], [B, N, C] or [B, C] "
+                    "(check the taps options)")
+
+
+class ProjectionHead(nn.Module):
+    """``normalise(W · pool(x))`` (``kind="linear"``, CRD) or a 2-layer MLP (``kind="mlp"``).
+
+    The MLP is ``Linear(in, h) → ReLU → Linear(h, out)`` with ``h = max(in_dim, out_dim)``: as wide as
+    the wider end, so the hidden layer is never a bottleneck narrower than both. The output is fp32
+    (normalising a half-precision vector loses the ``eps`` guard) and unit norm per sample.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 128, kind: Literal["linear", "mlp"] = "linear") -> None:
+        super().__init__()
+        lo, hi = _EMBED_RANGE
+        if not lo <= out_dim <= hi:
+            raise CKTFError(f"loss.embed_dim must be between {lo} and {hi}; got {out_dim}")
+        if in_dim < 1:
+            raise CKTFError(f"projection input size must be positive; got {in_dim} (feature channels)")
+        if kind == "linear":
+            self.net: nn.Module = nn.Linear(in_dim, out_dim)
+        elif kind == "mlp":
+            hidden = max(in_dim, out_dim)
+            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+        else:
+            raise CKTFError(f"loss.projection must be 'linear' or 'mlp'; got {kind!r}")
+        self.in_dim, self.out_dim, self.kind = in_dim, out_dim, kind
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.net(pool_flatten(x)).float(), dim=1)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"

@@ -1,0 +1,136 @@
+"""``cktf transfer``: KD / CRD / CKTF from a frozen teacher to a student on the unlabeled target split.
+
+Order of work: everything that can fail on bad input (teacher file, data, model names, stage mapping, K vs
+N) is checked before the run directory is touched, so a mistake never leaves a half-written run behind.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from transfer.config import TransferConfig, dump_config
+from transfer.data import build_dataset
+from transfer.data.transforms import build_transform
+from transfer.engine.logger import RunLogger
+from transfer.engine.rundir import prepare_run_dir, write_json
+from transfer.engine.runtime import resolve_device, seed_everything, set_threads
+from transfer.engine.trainer import Engine, FitResult
+from transfer.errors import CKTFError
+from transfer.losses.layer_mapping import check_stage_counts, select_teacher_blocks
+from transfer.losses.terms import TermContext, build_terms
+from transfer.models import FeatureTaps, TapSpec, build_model, tap_spec_for
+from transfer.models.checkpoints import freeze, load_network
+from transfer.sampling import build_sampler, cached_neighbour_table, file_sha256
+from transfer.stages.common import make_loader, resume_checkpoint, write_run_config
+from transfer.tasks.transfer import TransferTask
+
+
+def _spec(name: str, model: torch.nn.Module, taps: dict, option: str) -> TapSpec:
+    return TapSpec.from_dict(taps, option=option) if taps else tap_spec_for(name, model)
+
+
+@torch.no_grad()
+def embed_pool(teacher: FeatureTaps, dataset, batch_size: int, device: torch.device, workers: int) -> torch.Tensor:
+    """The frozen teacher's penultimate features of every item (eval transform), as [N, C] float32 on CPU."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    chunks = [teacher(images.to(device)).penultimate.float().cpu() for images, _, _ in loader]
+    return torch.cat(chunks)
+
+
+def run_transfer(cfg: TransferConfig, *, resume: bool = False, overwrite: bool = False) -> FitResult:
+    """Train the student of ``cfg`` into ``<log.root>/<log.name>``."""
+    set_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    if cfg.teacher.checkpoint is None:
+        raise CKTFError("no teacher given: pass --teacher PATH (a best.safetensors written by cktf train-teacher)")
+    teacher_net = load_network(cfg.teacher.checkpoint, prefix="model.", kinds=("teacher",), option="--teacher")
+    teacher_taps = cfg.teacher.taps or teacher_net.taps
+
+    train_tf = build_transform(cfg.data.name, train=True, image_size=cfg.data.image_size)
+    eval_tf = build_transform(cfg.data.name, train=False, image_size=cfg.data.image_size)
+    pool = build_dataset(cfg.data.name, cfg.data.train_split, cfg.data.root, train_tf, **cfg.data.options)
+    if pool.in_channels != teacher_net.in_channels:
+        raise CKTFError(f"teacher {cfg.teacher.checkpoint} takes {teacher_net.in_channels}-channel images but "
+                        f"{cfg.data.name}/{cfg.data.train_split} has {pool.in_channels} channels")
+    num_items = len(pool)
+
+    seed_everything(cfg.train.seed)
+    student_model = build_model(cfg.student.name, in_channels=pool.in_channels, num_classes=teacher_net.num_classes)
+    student = FeatureTaps(student_model, _spec(cfg.student.name, student_model, cfg.student.taps, "student.taps"))
+    t_spec = _spec(teacher_net.name, teacher_net.model, teacher_taps, "teacher.taps")
+    teacher = FeatureTaps(freeze(teacher_net.model), t_spec, with_blocks=cfg.loss.layer_mapping != "last")
+    freeze(teacher)
+    if cfg.loss.mckt > 0:
+        check_stage_counts(len(student.spec.stages), len(t_spec.stages), cfg.student.name, teacher_net.name)
+
+    probe_ds = build_dataset(cfg.data.name, cfg.data.train_split, cfg.data.root, eval_tf, **cfg.data.options)
+    shape = tuple(probe_ds[0][0].shape)
+    calib_ids = torch.randperm(num_items, generator=torch.Generator().manual_seed(cfg.train.seed))[:64].tolist()
+    calib = torch.stack([probe_ds[i][0] for i in calib_ids])
+    student.eval()
+    with torch.no_grad():
+        mapping = select_teacher_blocks(cfg.loss.layer_mapping, student(calib), teacher(calib),
+                                        torch.Generator().manual_seed(cfg.train.seed))
+    ctx = TermContext(student.channels(shape), teacher.channels(shape), num_items, mapping)
+    terms, weights = build_terms(cfg.loss, ctx)
+
+    sampler = None
+    if any(term.needs_negatives for term in terms.values()):
+        neighbours = None
+        if cfg.sampler.kind != "uniform":
+            table_k = cfg.sampler.k + (cfg.sampler.hard_pool if cfg.sampler.kind == "hard" else 0)
+            key = {"teacher_sha256": file_sha256(cfg.teacher.checkpoint), "dataset": cfg.data.name,
+                   "split": cfg.data.train_split, "options": cfg.data.options, "transform": repr(eval_tf),
+                   "num_items": num_items}
+            neighbours = cached_neighbour_table(
+                cfg.sampler.cache_dir, key,
+                lambda: embed_pool(teacher.to(device), probe_ds, cfg.train.eval_batch_size, device,
+                                   cfg.data.num_workers),
+                table_k, index=cfg.sampler.index)
+        sampler = build_sampler(cfg.sampler.kind, num_items, cfg.sampler.num_negatives, neighbours,
+                                exclude=cfg.sampler.k, hard_fraction=cfg.sampler.hard_fraction,
+                                hard_pool=cfg.sampler.hard_pool)
+    task = TransferTask(student, teacher, terms, weights, sampler)
+
+    run = prepare_run_dir(cfg.log.root, cfg.log.name, resume=resume, overwrite=overwrite)
+    ckpt = resume_checkpoint(run, resume)
+    write_run_config(run, cfg, resume=resume)
+    metadata = {
+        "kind": "transfer",
+        "model": cfg.student.name,
+        "in_channels": str(pool.in_channels),
+        "num_classes": str(teacher_net.num_classes),
+        "taps": json.dumps(cfg.student.taps),
+        "method": cfg.loss.method,
+        "teacher": str(cfg.teacher.checkpoint),
+        "teacher_model": teacher_net.name,
+        "layer_mapping": json.dumps(mapping),
+        "dataset": cfg.data.name,
+        "config": dump_config(cfg),
+    }
+    logger = RunLogger(run.path, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
+                       purge_step=int(ckpt.state["step"]) + 1 if ckpt is not None else None)
+    engine = Engine(task, cfg.train, run, logger, device, metadata, log_every=cfg.log.log_every)
+    if ckpt is not None:
+        engine.load_state(ckpt)
+        logger.info(f"resuming {run.path} after epoch {engine.start_epoch}")
+    loader = make_loader(pool, cfg.train.batch_size, train=True, num_workers=cfg.data.num_workers, device=device)
+    t0 = time.perf_counter()
+    result = engine.fit(loader)
+    logger.close()
+    write_json(run.metrics, {
+        "kind": "transfer",
+        "method": cfg.loss.method,
+        "student": cfg.student.name,
+        "teacher": str(cfg.teacher.checkpoint),
+        "epochs": len(result.history),
+        "final": result.final,
+        "first": result.history[0] if result.history else {},
+        "train_seconds": result.train_seconds,
+        "wall_seconds_this_invocation": time.perf_counter() - t0,
+    })
+    return result
