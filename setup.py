@@ -20,6 +20,7 @@ requirements = [
     "tqdm>=4.66",
     "safetensors>=0.4",
     "numpy>=1.24",
+    "matplotlib>=3.7",
 ]
 if not FAISS_GPU:
     requirements.append("faiss-cpu>=1.8")

@@ -113,3 +113,11 @@ def test_truncated_stl10_bin(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = CliRunner().invoke(cli, ["--debug", *tiny(tmp_path / "nowhere", tmp_path, "x")])
     assert result.exit_code != 0 and type(result.exception).__name__ == "CKTFError"
+
+
+def test_zero_epochs_saves_the_initialised_network(fashion_root, tmp_path):
+    code, out = run(*tiny(fashion_root, tmp_path, "untrained", "--train.epochs", "0"))
+    assert code == 0, out
+    for name in ("last.safetensors", "best.safetensors"):
+        ckpt = load_checkpoint(tmp_path / "untrained" / name)
+        assert ckpt.state["epoch"] == 0 and ckpt.metadata["kind"] == "teacher"

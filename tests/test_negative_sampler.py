@@ -130,7 +130,7 @@ def test_errors_name_the_option():
     table = _random_table(100, 40)
     _one_line_error(lambda: build_sampler("uniform", 100, 100), "sampler.num_negatives", "K=100", "N=100")
     _one_line_error(lambda: build_sampler("debiased", 100, 90, table, exclude=10), "sampler.num_negatives", "89")
-    _one_line_error(lambda: build_sampler("random", 100, 10), "sampler.mode", "uniform, debiased, hard")
+    _one_line_error(lambda: build_sampler("random", 100, 10), "sampler.kind", "uniform, debiased, hard")
     _one_line_error(lambda: build_sampler("hard", 100, 10, table, hard_fraction=1.5), "sampler.hard_fraction")
     _one_line_error(lambda: build_sampler("hard", 100, 10, table, exclude=8, hard_pool=64),
                     "sampler.hard_pool", "sampler.k", "72")
@@ -138,3 +138,16 @@ def test_errors_name_the_option():
     _one_line_error(lambda: build_sampler("debiased", 120, 10, table), "100", "120")
     with pytest.raises(ValueError, match="distinct"):
         DebiasedSampler(100, 10, torch.zeros(100, 4, dtype=torch.long), exclude=4)
+
+
+def test_shared_uniform_sampler_returns_one_set_for_the_batch():
+    from transfer.sampling import SharedUniformSampler
+
+    sampler = build_sampler("uniform", 50, 7, shared=True)
+    assert isinstance(sampler, SharedUniformSampler)
+    out = sampler(torch.arange(5), generator=torch.Generator().manual_seed(0))
+    assert out.shape == (7,) and out.dtype == torch.int64 and int(out.min()) >= 0 and int(out.max()) < 50
+    counts = torch.bincount(torch.cat([sampler(torch.arange(3)) for _ in range(4000)]), minlength=50).float()
+    assert counts.min() > 0.7 * counts.mean() and counts.max() < 1.3 * counts.mean()
+    with pytest.raises(CKTFError, match="sampler.shared"):
+        build_sampler("debiased", 50, 7, torch.zeros(50, 2, dtype=torch.long), shared=True)

@@ -64,7 +64,8 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     \b
     1. cktf train-teacher   supervised teacher on a labeled source domain
     2. cktf transfer        KD / CRD / CKTF to a student on the unlabeled target
-    3. cktf probe           linear probe of the frozen student on the target (coming)
+    3. cktf probe           linear probe of the frozen student on the target
+    4. cktf compare         convergence curves and a table of several runs
     """
     ctx.meta["cktf.debug"] = debug
     logging.basicConfig(format="%(message)s", level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
@@ -122,9 +123,59 @@ def transfer_cmd(config_path: str, teacher_path: str | None, resume: bool, overw
         overrides = (*overrides, "--teacher.checkpoint", teacher_path)
     cfg = load_config(config_path, TransferConfig, overrides)
     result = run_transfer(cfg, resume=resume, overwrite=overwrite)
-    first, final = result.history[0], result.final
-    click.echo(f"done: {cfg.log.root}/{cfg.log.name}  method {cfg.loss.method}  loss {first['train/loss_epoch']:.4f}"
-               f" (epoch 1) -> {final['train/loss_epoch']:.4f} (epoch {int(final['epoch'])})")
+    msg = f"done: {cfg.log.root}/{cfg.log.name}  method {cfg.loss.method}"
+    if result.history:
+        first, final = result.history[0], result.final
+        msg += (f"  loss {first['train/loss_epoch']:.4f} (epoch 1) -> {final['train/loss_epoch']:.4f} "
+                f"(epoch {int(final['epoch'])})")
+    click.echo(msg)
+
+
+def _probe_schema() -> type:
+    from linear_probe.config import ProbeConfig
+
+    return ProbeConfig
+
+
+@cli.command("probe", cls=ConfigCommand, schema=_probe_schema(), context_settings=OVERRIDABLE)
+@_CONFIG
+@click.option("--student", "student_path", type=click.Path(dir_okay=False),
+              help="Checkpoint to probe: last.safetensors of a transfer run (or a teacher's, for its own features).")
+@_RESUME
+@_OVERWRITE
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--section.key VALUE]...")
+def probe_cmd(config_path: str, student_path: str | None, resume: bool, overwrite: bool,
+              overrides: tuple[str, ...]) -> None:
+    """Train a linear probe on a frozen network's penultimate features.
+
+    Fits on the target's labeled train split and evaluates on its test split after every epoch; writes
+    TensorBoard curves (probe/test_acc, probe/train_loss, probe/knn_acc), metrics.json and config.yaml to
+    <run>/probe/ (or probe.out).
+    """
+    from linear_probe.config import ProbeConfig
+    from linear_probe.stage import run_probe
+
+    cfg = load_config(config_path, ProbeConfig, overrides)
+    m = run_probe(cfg, student_path, resume=resume, overwrite=overwrite)
+    knn = f"  kNN {100 * m['knn_acc']:.2f}%" if m["knn_acc"] is not None else ""
+    click.echo(f"done: {m['method']}  probe test acc {100 * m['final_acc']:.2f}% after {m['epochs']} epochs{knn}")
+
+
+@cli.command("compare")
+@click.argument("runs", nargs=-1, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the plot and tables.")
+@click.option("--title", default=None, help="Title of the report.")
+def compare_cmd(runs: tuple[str, ...], out: str, title: str | None) -> None:
+    """Compare probed runs: convergence plot (PNG) and a Markdown + CSV table.
+
+    RUNS are transfer run directories holding probe/ results (or probe directories). Seeds of the same method
+    are averaged (mean ± std, shaded bands).
+    """
+    from linear_probe.compare import compare
+
+    paths = compare(list(runs), out, title)
+    for kind, path in paths.items():
+        click.echo(f"{kind}: {path}")
 
 
 @cli.command("models")

@@ -44,7 +44,8 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation settings of the shared training engine."""
 
-    epochs: int = option(30, help="number of epochs", min=1)
+    epochs: int = option(30, help="number of epochs (0 saves the initialised network: the untrained control)",
+                         min=0)
     batch_size: int = option(64, help="training batch size", min=1)
     eval_batch_size: int = option(256, help="batch size for evaluation passes", min=1)
     lr: float = option(0.05, help="initial learning rate of SGD", min=0.0)
@@ -126,6 +127,8 @@ class SamplerConfig:
     kind: Literal["uniform", "debiased", "hard"] = option("uniform", help="uniform (CRD), debiased (exclude the "
                                                           "anchor's teacher-space neighbours) or hard")
     num_negatives: int = option(16384, help="K: negatives per anchor", min=1)
+    shared: bool = option(False, help="uniform only: one set of K negatives shared by the batch (one GEMM per "
+                          "objective instead of a GEMM against the whole bank; MoCo-style)")
     k: int = option(32, help="neighbours per item in the faiss table (debiased/hard exclude the first k)", min=1)
     hard_fraction: float = option(0.1, help="hard: fraction of K taken from the neighbours ranked just after k",
                                   min=0.0, max=1.0)

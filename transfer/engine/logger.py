@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,9 @@ class RunLogger:
     """Writes scalars to TensorBoard under the run directory (if enabled) and prints epoch summaries."""
 
     def __init__(self, run_path: Path, *, tensorboard: bool = True, progress: bool = True,
-                 purge_step: int | None = None) -> None:
+                 purge_step: int | None = None, tag_map: Callable[[str], str] | None = None) -> None:
         self.progress = progress and sys.stderr.isatty()
+        self.tag_map = tag_map or (lambda tag: tag)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -29,7 +30,7 @@ class RunLogger:
         if self.writer is None:
             return
         for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+            self.writer.add_scalar(self.tag_map(tag), value, step)
 
     def bar(self, iterable: Iterable, total: int, desc: str) -> Any:
         return tqdm(iterable, total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)

@@ -113,6 +113,8 @@ class Engine:
             select = None
         if len(train_loader) == 0:
             raise CKTFError("the training split is smaller than one batch; lower train.batch_size")
+        if self.cfg.epochs == 0 and self.start_epoch == 0:
+            self._save(0, improved=True)
         for epoch in range(self.start_epoch, self.cfg.epochs):
             seed = derive_seed(self.cfg.seed, epoch)
             seed_everything(seed)
@@ -149,6 +151,7 @@ class Engine:
         window: dict[str, torch.Tensor] = {}
         window_steps = 0
         images_seen = 0
+        start = time.perf_counter()
         bar = self.logger.bar(loader, total=len(loader), desc=f"epoch {epoch + 1}/{self.cfg.epochs}")
         for images, targets, indices in bar:
             images = images.to(self.device, non_blocking=True)
@@ -173,7 +176,8 @@ class Engine:
                     raise CKTFError(f"training diverged at epoch {epoch + 1}, step {self.step} (loss is "
                                     f"{means['train/loss']}); lower train.lr")
                 self.logger.scalars(means, self.step)
-                bar.set_postfix(loss=f"{means['train/loss']:.4f}")
+                rate = images_seen / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{means['train/loss']:.4f}", img_s=f"{rate:.0f}")
                 window, window_steps = {}, 0
         steps = max(1, len(loader))
         metrics = {f"train/{k}_epoch": (v / steps).item() for k, v in sums.items()}

@@ -4,6 +4,11 @@ Configs and checkpoints refer to models by name only, so the registry is the sin
 place that maps a name to a builder ``(in_channels, num_classes) -> nn.Module`` and to
 the :class:`TapSpec` factory that says where its stem/stages/penultimate/logits are.
 Parameter counts are tabulated in each family module's docstring.
+
+Any torchvision classification model can be used as ``torchvision.<arch>`` (e.g.
+``torchvision.resnet18``, ``torchvision.mobilenet_v3_small``): it is built with
+``weights=None`` (nothing is ever downloaded) and 3 input channels. ResNets get default
+taps; for other architectures name the nodes in the config's ``taps`` mapping.
 """
 
 from __future__ import annotations
@@ -64,10 +69,43 @@ def list_models(family: str | None = None) -> list[str]:
     return [name for name, entry in MODELS.items() if family is None or entry.family == family]
 
 
+TORCHVISION_PREFIX = "torchvision."
+
+
+def _torchvision_builder(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+    import torchvision
+
+    if in_channels != 3:
+        raise CKTFError(f"torchvision model '{arch}' takes 3-channel images, but the data has {in_channels}")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def _torchvision_spec(model: nn.Module) -> TapSpec:
+    import torchvision
+
+    if isinstance(model, torchvision.models.ResNet):
+        return torchvision_resnet_spec(model)
+    raise CKTFError(f"{type(model).__name__} has no default feature taps; name its graph nodes in the config under "
+                    "taps (stem, stages, penultimate, logits)")
+
+
+def _torchvision_entry(name: str) -> ModelEntry:
+    import torchvision
+
+    arch = name[len(TORCHVISION_PREFIX):]
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise CKTFError(f"unknown torchvision classification model {arch!r} (option model.name); see "
+                        "torchvision.models.list_models()")
+    return ModelEntry(partial(_torchvision_builder, arch), _torchvision_spec, "torchvision")
+
+
 def get_entry(name: str) -> ModelEntry:
     """The registry entry for ``name``; unknown names are a user error listing the choices."""
+    if isinstance(name, str) and name.startswith(TORCHVISION_PREFIX):
+        return _torchvision_entry(name)
     if not isinstance(name, str) or name not in MODELS:
-        raise CKTFError(f"unknown model {name!r} (option model.name); choose one of: {', '.join(MODELS)}")
+        raise CKTFError(f"unknown model {name!r} (option model.name); choose one of: {', '.join(MODELS)}, or "
+                       "torchvision.<arch>")
     return MODELS[name]
 
 

@@ -12,6 +12,7 @@ from transfer.sampling.negative_sampler import (
     DebiasedSampler,
     HardSampler,
     NegativeSampler,
+    SharedUniformSampler,
     UniformSampler,
     build_sampler,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "DebiasedSampler",
     "HardSampler",
     "NegativeSampler",
+    "SharedUniformSampler",
     "UniformSampler",
     "build_neighbour_table",
     "build_sampler",

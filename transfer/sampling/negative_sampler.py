@@ -73,6 +73,21 @@ class UniformSampler(NegativeSampler):
         return r + (r >= anchors.unsqueeze(1))  # skip the anchor: shift everything at or above it by one
 
 
+class SharedUniformSampler(UniformSampler):
+    """One set of K uniform negatives shared by the whole batch (MoCo-style), returned as [K].
+
+    Scoring then costs one ``[B, d] x [d, K]`` GEMM per side instead of a GEMM against the whole bank, which is
+    what makes many contrastive objectives cheap when the bank is much larger than K. The price: negatives are
+    no longer independent per anchor, and an anchor's own index can appear among them with probability K/N
+    (it then acts as one extra noise sample). Statistically close to per-anchor sampling; measure before
+    relying on it.
+    """
+
+    def forward(self, anchors: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        _check_anchors(anchors)
+        return torch.randint(0, self.num_items, (self.num_negatives,), generator=generator, device=anchors.device)
+
+
 class DebiasedSampler(NegativeSampler):
     """Uniform over all items but the anchor and its ``exclude`` nearest neighbours (exact, no rejection).
 
@@ -161,15 +176,20 @@ def build_sampler(
     exclude: int = 32,
     hard_fraction: float = 0.1,
     hard_pool: int = 64,
+    shared: bool = False,
 ) -> NegativeSampler:
     """The sampler for mode ``kind`` (``uniform``, ``debiased``, ``hard``); the latter two need ``neighbours``.
+
+    ``shared=True`` (uniform only) draws one set of K negatives for the whole batch.
 
     Example: ``build_sampler("hard", 100_000, 16384, table, exclude=32, hard_fraction=0.1, hard_pool=64)``
     """
     if kind not in MODES:
-        raise CKTFError(f"sampler.mode: unknown mode {kind!r}; expected one of {', '.join(MODES)}")
+        raise CKTFError(f"sampler.kind: unknown mode {kind!r}; expected one of {', '.join(MODES)}")
+    if shared and kind != "uniform":
+        raise CKTFError(f"sampler.shared needs sampler.kind uniform: {kind} negatives depend on each anchor")
     if kind == "uniform":
-        return UniformSampler(num_items, num_negatives)
+        return SharedUniformSampler(num_items, num_negatives) if shared else UniformSampler(num_items, num_negatives)
     if neighbours is None:
         raise ValueError(f"sampler mode {kind!r} needs a neighbour table (see build_neighbour_table)")
     if kind == "debiased":

@@ -6,6 +6,7 @@ out of the source train set; the test split is reported, never used for selectio
 
 from __future__ import annotations
 
+import json
 import time
 
 from transfer.config import TeacherConfig, dump_config
@@ -35,6 +36,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, overwrite: bool =
         "model": cfg.model.name,
         "in_channels": str(splits.train.in_channels),
         "num_classes": str(splits.train.num_classes),
+        "taps": json.dumps(cfg.model.taps),
         "dataset": cfg.data.name,
         "config": dump_config(cfg),
     }

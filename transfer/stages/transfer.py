@@ -93,7 +93,7 @@ def run_transfer(cfg: TransferConfig, *, resume: bool = False, overwrite: bool =
                 table_k, index=cfg.sampler.index)
         sampler = build_sampler(cfg.sampler.kind, num_items, cfg.sampler.num_negatives, neighbours,
                                 exclude=cfg.sampler.k, hard_fraction=cfg.sampler.hard_fraction,
-                                hard_pool=cfg.sampler.hard_pool)
+                                hard_pool=cfg.sampler.hard_pool, shared=cfg.sampler.shared)
     task = TransferTask(student, teacher, terms, weights, sampler)
 
     run = prepare_run_dir(cfg.log.root, cfg.log.name, resume=resume, overwrite=overwrite)

@@ -1,0 +1,63 @@
+"""The linear probe: a standardising linear classifier on frozen features, trained by the shared engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from transfer.engine.task import StepOutput, Task
+from transfer.tasks.supervised import evaluate_classifier
+
+
+class LinearProbe(nn.Module):
+    """``Linear((x - mean) / std)``; the statistics are fixed from the probe-train features.
+
+    Standardising makes one learning rate work for every backbone (penultimate features of different
+    networks differ in scale by orders of magnitude) without adding anything learnable beyond the linear map.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.reshape(1, -1).float())
+        self.register_buffer("std", std.reshape(1, -1).float().clamp_min(1e-6))
+        self.linear = nn.Linear(in_dim, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear((features.float() - self.mean) / self.std)
+
+
+class ProbeTask(Task):
+    """Frozen ``backbone`` (identity for cached features) followed by a trainable :class:`LinearProbe`."""
+
+    def __init__(self, backbone: nn.Module, probe: LinearProbe) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.probe = probe
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ProbeTask:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.backbone(images)
+        return self.probe(features)
+
+    def training_step(self, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> StepOutput:
+        return StepOutput(F.cross_entropy(self(images).float(), targets))
+
+    def evaluate(self, loader: DataLoader, device: torch.device, autocast: Any) -> dict[str, float]:
+        return evaluate_classifier(self, loader, device, autocast)
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith("probe.")}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.probe.load_state_dict({k[len("probe."):]: v for k, v in state.items()})
