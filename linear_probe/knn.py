@@ -14,15 +14,12 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import faiss
-import numpy as np
 import torch
 from torch import Tensor
 
 from transfer.errors import CKTFError
+from transfer.sampling.faiss_utils import faiss_threads, normalised_float32
 
 
 def knn_predict(
@@ -54,11 +51,11 @@ def knn_predict(
     if batch_size < 1:
         raise CKTFError(f"kNN probe: batch_size must be >= 1 (queries per search), got {batch_size}")
 
-    train, test = _normalised(train_features), _normalised(test_features)
+    train, test = normalised_float32(train_features), normalised_float32(test_features)
     labels = train_labels.detach().to("cpu", torch.long)
     k = min(k, train.shape[0])
     predictions = [torch.empty(0, dtype=torch.long)]
-    with _faiss_threads(torch.get_num_threads()):
+    with faiss_threads(torch.get_num_threads()):
         index = faiss.IndexFlatIP(train.shape[1])
         index.add(train)
         for start in range(0, test.shape[0], batch_size):
@@ -130,16 +127,3 @@ def _check_labels(labels: Tensor, n: int, num_classes: int, name: str) -> None:
         raise CKTFError(f"kNN probe: {name} label {high} is out of range for num_classes={num_classes}")
 
 
-def _normalised(features: Tensor) -> np.ndarray:
-    x = torch.nn.functional.normalize(features.detach().to("cpu", torch.float32), dim=1)
-    return np.ascontiguousarray(x.numpy())
-
-
-@contextlib.contextmanager
-def _faiss_threads(threads: int) -> Iterator[None]:
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(max(1, threads))
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)

@@ -21,19 +21,16 @@ from linear_probe.config import ProbeConfig
 from linear_probe.features import FeatureDataset, PixelFeatures, extract_features, network_features
 from linear_probe.knn import knn_accuracy
 from linear_probe.probe import LinearProbe, ProbeTask
-from transfer.config import dump_config
 from transfer.data import build_dataset
 from transfer.data.indexed import IndexedSubset, holdout_split
 from transfer.data.transforms import build_transform
 from transfer.engine.checkpoint import read_metadata
-from transfer.engine.logger import RunLogger
-from transfer.engine.rundir import prepare_run_dir, write_json
+from transfer.engine.rundir import write_json
 from transfer.engine.runtime import resolve_device, seed_everything, set_threads
-from transfer.engine.trainer import Engine
 from transfer.errors import CKTFError
 from transfer.models import build_model
 from transfer.models.checkpoints import load_network
-from transfer.stages.common import make_loader, resume_checkpoint, write_run_config
+from transfer.stages.common import make_loader, open_run
 
 TAGS = {"test/acc": "probe/test_acc", "train/loss_epoch": "probe/train_loss", "val/acc": "probe/val_acc"}
 
@@ -142,15 +139,10 @@ def run_probe(cfg: ProbeConfig, student: str | None, *, resume: bool = False, ov
         elif val_eval is not None:
             evals["val"] = val_eval
 
-    out = prepare_run_dir(str(backbone.out.parent), backbone.out.name, resume=resume, overwrite=overwrite)
-    ckpt = resume_checkpoint(out, resume)
-    write_run_config(out, cfg, resume=resume)
-    logger = RunLogger(out.path, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, tag_map=probe_tag,
-                       purge_step=int(ckpt.state["step"]) + 1 if ckpt is not None else None)
-    metadata = {"kind": "probe", "method": backbone.label, "backbone": backbone.source, "config": dump_config(cfg)}
-    engine = Engine(task, cfg.train, out, logger, device, metadata, log_every=cfg.log.log_every)
-    if ckpt is not None:
-        engine.load_state(ckpt)
+    metadata = {"kind": "probe", "method": backbone.label, "backbone": backbone.source}
+    engine = open_run(str(backbone.out.parent), backbone.out.name, cfg, task, device, metadata, resume=resume,
+                      overwrite=overwrite, tag_map=probe_tag)
+    out, logger = engine.run, engine.logger
     cpu_or_pin = device if cfg.probe.mode == "augment" else torch.device("cpu")
     loader = make_loader(train_set, cfg.train.batch_size, train=True,
                          num_workers=workers if cfg.probe.mode == "augment" else 0, device=cpu_or_pin)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from tests.cli_helpers import invoke, one_line_error
 from tests.data_fixtures import write_fashion_idx, write_stl10
 from transfer.cli import cli
 from transfer.engine.checkpoint import load_checkpoint
@@ -21,39 +22,23 @@ def fashion_root(tmp_path_factory) -> Path:
     return root
 
 
-def run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
-
-
 def tiny(fashion_root: Path, runs: Path, name: str, *extra: str) -> list[str]:
     return ["train-teacher", "--config", TEACHER_CFG, "--data.root", str(fashion_root), "--log.root", str(runs),
             "--log.name", name, "--model.name", "resnet8", "--train.batch_size", "32", "--train.epochs", "2",
             "--log.tensorboard", "false", *extra]
 
 
-def assert_one_line_error(code: int, output: str, *needles: str) -> None:
-    assert code != 0
-    lines = [ln for ln in output.splitlines() if ln.strip()]
-    assert len(lines) == 1, output
-    assert lines[0].startswith("Error:") and "Traceback" not in output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 def test_help_lists_commands_and_config_keys():
-    code, out = run("--help")
+    code, out = invoke("--help")
     assert code == 0 and "train-teacher" in out and "transfer" in out
-    code, out = run("train-teacher", "--help")
+    code, out = invoke("train-teacher", "--help")
     assert code == 0
     for key in ("--data.root", "--train.epochs", "--model.name", "--log.name", "--resume"):
         assert key in out
 
 
 def test_teacher_run_writes_its_directory(fashion_root, tmp_path):
-    code, out = run(*tiny(fashion_root, tmp_path, "t"))
+    code, out = invoke(*tiny(fashion_root, tmp_path, "t"))
     assert code == 0, out
     run_dir = tmp_path / "t"
     for name in ("config.yaml", "last.safetensors", "best.safetensors", "metrics.json"):
@@ -63,51 +48,51 @@ def test_teacher_run_writes_its_directory(fashion_root, tmp_path):
     assert ckpt.metadata["kind"] == "teacher" and ckpt.metadata["num_classes"] == "5"
     assert ckpt.state["epoch"] == 2
 
-    code, out = run(*tiny(fashion_root, tmp_path, "t"))
-    assert_one_line_error(code, out, "already exists", "--resume")
+    code, out = invoke(*tiny(fashion_root, tmp_path, "t"))
+    one_line_error(code, out, "already exists", "--resume")
 
 
 def test_resume_extends_a_run_exactly(fashion_root, tmp_path):
-    assert run(*tiny(fashion_root, tmp_path, "straight"))[0] == 0
-    assert run(*tiny(fashion_root, tmp_path, "split", "--train.epochs", "1"))[0] == 0
-    code, out = run(*tiny(fashion_root, tmp_path, "split", "--resume"))
+    assert invoke(*tiny(fashion_root, tmp_path, "straight"))[0] == 0
+    assert invoke(*tiny(fashion_root, tmp_path, "split", "--train.epochs", "1"))[0] == 0
+    code, out = invoke(*tiny(fashion_root, tmp_path, "split", "--resume"))
     assert code == 0, out
     a = load_checkpoint(tmp_path / "straight/last.safetensors").state["task"]
     b = load_checkpoint(tmp_path / "split/last.safetensors").state["task"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    code, out = run(*tiny(fashion_root, tmp_path, "split", "--resume", "--train.lr", "0.5"))
-    assert_one_line_error(code, out, "train.lr", "--resume")
+    code, out = invoke(*tiny(fashion_root, tmp_path, "split", "--resume", "--train.lr", "0.5"))
+    one_line_error(code, out, "train.lr", "--resume")
 
 
 def test_nonexistent_data_root(tmp_path):
-    code, out = run(*tiny(tmp_path / "nowhere", tmp_path, "x"))
-    assert_one_line_error(code, out, "nowhere")
+    code, out = invoke(*tiny(tmp_path / "nowhere", tmp_path, "x"))
+    one_line_error(code, out, "nowhere")
     assert not (tmp_path / "x").exists()
 
 
 def test_typo_in_config_key(fashion_root, tmp_path):
-    code, out = run(*tiny(fashion_root, tmp_path, "x", "--train.epoch", "3"))
-    assert_one_line_error(code, out, "train.epoch", "train.epochs")
+    code, out = invoke(*tiny(fashion_root, tmp_path, "x", "--train.epoch", "3"))
+    one_line_error(code, out, "train.epoch", "train.epochs")
     bad = tmp_path / "bad.yaml"
     bad.write_text(Path(TEACHER_CFG).read_text().replace("batch_size:", "batchsize:"))
-    code, out = run("train-teacher", "--config", str(bad), "--log.root", str(tmp_path))
-    assert_one_line_error(code, out, "train.batchsize", "bad.yaml")
+    code, out = invoke("train-teacher", "--config", str(bad), "--log.root", str(tmp_path))
+    one_line_error(code, out, "train.batchsize", "bad.yaml")
 
 
 def test_unknown_model_name(fashion_root, tmp_path):
-    code, out = run(*tiny(fashion_root, tmp_path, "x", "--model.name", "resnet99"))
-    assert_one_line_error(code, out, "resnet99", "resnet20")
+    code, out = invoke(*tiny(fashion_root, tmp_path, "x", "--model.name", "resnet99"))
+    one_line_error(code, out, "resnet99", "resnet20")
 
 
 def test_truncated_stl10_bin(tmp_path):
     files = write_stl10(tmp_path / "stl", n_train=10, n_test=10, n_unlabeled=4)
     x = Path(files["folder"]) / "train_X.bin"
     x.write_bytes(x.read_bytes()[:-100])
-    code, out = run("train-teacher", "--config", TEACHER_CFG, "--data.name", "stl10", "--data.root",
+    code, out = invoke("train-teacher", "--config", TEACHER_CFG, "--data.name", "stl10", "--data.root",
                     str(tmp_path / "stl"), "--data.train_split", "train", "--data.test_split", "test",
                     "--data.options", "{}", "--log.root", str(tmp_path), "--log.name", "s")
-    assert_one_line_error(code, out, "train_X.bin")
+    one_line_error(code, out, "train_X.bin")
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -116,7 +101,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_zero_epochs_saves_the_initialised_network(fashion_root, tmp_path):
-    code, out = run(*tiny(fashion_root, tmp_path, "untrained", "--train.epochs", "0"))
+    code, out = invoke(*tiny(fashion_root, tmp_path, "untrained", "--train.epochs", "0"))
     assert code == 0, out
     for name in ("last.safetensors", "best.safetensors"):
         ckpt = load_checkpoint(tmp_path / "untrained" / name)

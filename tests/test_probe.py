@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from linear_probe.features import FeatureDataset
 from linear_probe.probe import LinearProbe, ProbeTask
+from tests.cli_helpers import invoke, one_line_error
 from tests.data_fixtures import write_fashion_idx
-from transfer.cli import cli
 from transfer.config import TrainConfig
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.engine.logger import RunLogger
@@ -20,13 +19,6 @@ from transfer.stages.common import make_loader
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs/fashion_split"
-
-
-def invoke(*args: str):
-    result = CliRunner().invoke(cli, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
 
 
 def test_probe_separates_linearly_separable_features(tmp_path):
@@ -145,13 +137,6 @@ def test_controls_random_init_and_pixels(student, tmp_path):
         assert code == 0, out
         metrics = json.loads((tmp_path / extra[1] / "metrics.json").read_text())
         assert metrics["method"] == {"random": "random_init", "pixels": "pixels"}[extra[1]]
-
-
-def one_line_error(code: int, out: str, *needles: str) -> None:
-    lines = [ln for ln in out.splitlines() if ln.strip()]
-    assert code != 0 and len(lines) == 1 and lines[0].startswith("Error:"), out
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_probe_of_a_checkpoint_that_is_not_a_transfer_checkpoint(student, tmp_path):

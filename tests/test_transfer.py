@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.cli_helpers import invoke, one_line_error
 from tests.data_fixtures import write_fashion_idx
-from transfer.cli import cli
 from transfer.config import LossConfig
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.losses.terms import TermContext, build_terms
@@ -18,13 +17,6 @@ from transfer.tasks.transfer import TransferTask
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs/fashion_split"
-
-
-def invoke(*args: str):
-    result = CliRunner().invoke(cli, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +99,6 @@ def test_debiased_sampler_builds_then_reuses_neighbour_cache(setup, caplog):
     assert invoke(*transfer_args(setup, "crd", "deb2", "--sampler.kind", "debiased", "--sampler.k", "4",
                                  "--train.epochs", "1"))[0] == 0
     assert tables[0].stat().st_mtime_ns == stamp and len(list((setup / "cache").glob("*.safetensors"))) == 1
-
-
-def one_line_error(code: int, out: str, *needles: str) -> None:
-    lines = [ln for ln in out.splitlines() if ln.strip()]
-    assert code != 0 and len(lines) == 1 and lines[0].startswith("Error:"), out
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_k_not_smaller_than_the_pool_is_one_line(setup):

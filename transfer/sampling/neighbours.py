@@ -16,16 +16,14 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import json
 import logging
 import math
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,9 +31,10 @@ import faiss
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from transfer.engine.checkpoint import save_safetensors_atomic
 from transfer.errors import CKTFError
+from transfer.sampling.faiss_utils import faiss_threads, normalised_float32
 
 log = logging.getLogger("cktf")
 
@@ -85,10 +84,10 @@ def build_neighbour_table(
     if not torch.isfinite(features).all():
         raise CKTFError("teacher features contain NaN or inf; check the teacher checkpoint (sampler neighbours)")
     gpu = _resolve_gpu(use_gpu)
-    x = _normalised(features)
+    x = normalised_float32(features)
     kind = ("flat" if n <= FLAT_MAX_ITEMS else "ivf") if index == "auto" else index
 
-    with _faiss_threads(torch.get_num_threads()):
+    with faiss_threads(torch.get_num_threads()):
         if kind == "flat":
             ids = _search(_flat_index(x, gpu), x, k + 1, batch_size)
         else:
@@ -118,19 +117,6 @@ def _resolve_gpu(use_gpu: bool | None) -> bool:
     return available if use_gpu is None else bool(use_gpu)
 
 
-def _normalised(features: torch.Tensor) -> np.ndarray:
-    x = torch.nn.functional.normalize(features.detach().to("cpu", torch.float32), dim=1)
-    return np.ascontiguousarray(x.numpy())
-
-
-@contextlib.contextmanager
-def _faiss_threads(threads: int) -> Iterator[None]:
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(max(1, threads))
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
 
 
 def _flat_index(x: np.ndarray, gpu: bool) -> faiss.Index:
@@ -271,15 +257,5 @@ def _load_table(path: Path, key_json: str, rows: int | None, k: int) -> tuple[to
 
 
 def _save_table(path: Path, table: torch.Tensor, key_json: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     dtype = torch.int32 if table.shape[0] <= torch.iinfo(torch.int32).max else torch.int64
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({_TENSOR: table.to(dtype).contiguous()}, tmp, metadata={"key": key_json})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_safetensors_atomic(path, {_TENSOR: table.to(dtype).contiguous()}, {"key": key_json})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,10 @@ from transfer.data import build_dataset
 from transfer.data.indexed import IndexedSubset, holdout_split
 from transfer.data.transforms import build_transform
 from transfer.engine.checkpoint import load_checkpoint
-from transfer.engine.rundir import RunDir, write_text_atomic
+from transfer.engine.logger import RunLogger
+from transfer.engine.rundir import RunDir, prepare_run_dir, write_text_atomic
+from transfer.engine.task import Task
+from transfer.engine.trainer import Engine
 from transfer.errors import CKTFError
 
 # Keys that may differ between an interrupted run and its --resume (they do not change the result).
@@ -93,13 +96,21 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def resume_checkpoint(run: RunDir, resume: bool):
-    """The checkpoint to continue from, or None for a fresh run."""
-    return load_checkpoint(run.last) if resume else None
+def open_run(root: str, name: str, cfg: Any, task: Task, device: torch.device, metadata: dict[str, str], *,
+             resume: bool, overwrite: bool, tag_map: Callable[[str], str] | None = None) -> Engine:
+    """Create (or reopen, with ``resume``) the run directory and return an engine ready to ``fit``.
 
-
-def config_metadata(cfg: Any) -> str:
-    return dump_config(cfg)
-
-
-__all__ = ["SplitSet", "build_splits", "make_loader", "write_run_config", "resume_checkpoint", "dataclasses"]
+    ``cfg`` is the stage's whole config (saved as ``config.yaml`` and in checkpoint metadata); its ``train``
+    and ``log`` sections configure the engine and the logger.
+    """
+    run = prepare_run_dir(root, name, resume=resume, overwrite=overwrite)
+    ckpt = load_checkpoint(run.last) if resume else None
+    write_run_config(run, cfg, resume=resume)
+    logger = RunLogger(run.path, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, tag_map=tag_map,
+                       purge_step=int(ckpt.state["step"]) + 1 if ckpt is not None else None)
+    engine = Engine(task, cfg.train, run, logger, device, {**metadata, "config": dump_config(cfg)},
+                    log_every=cfg.log.log_every)
+    if ckpt is not None:
+        engine.load_state(ckpt)
+        logger.info(f"resuming {run.path} after epoch {engine.start_epoch}")
+    return engine

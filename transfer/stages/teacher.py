@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import time
 
-from transfer.config import TeacherConfig, dump_config
-from transfer.engine.logger import RunLogger
-from transfer.engine.rundir import prepare_run_dir, write_json
+from transfer.config import TeacherConfig
+from transfer.engine.rundir import write_json
 from transfer.engine.runtime import resolve_device, seed_everything, set_threads
-from transfer.engine.trainer import Engine, FitResult
+from transfer.engine.trainer import FitResult
 from transfer.models import build_model
-from transfer.stages.common import build_splits, make_loader, resume_checkpoint, write_run_config
+from transfer.stages.common import build_splits, make_loader, open_run
 from transfer.tasks import SupervisedTask
 
 
@@ -24,10 +23,6 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, overwrite: bool =
     set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     splits = build_splits(cfg.data, cfg.train.seed)
-    run = prepare_run_dir(cfg.log.root, cfg.log.name, resume=resume, overwrite=overwrite)
-    ckpt = resume_checkpoint(run, resume)
-    write_run_config(run, cfg, resume=resume)
-
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model.name, in_channels=splits.train.in_channels, num_classes=splits.train.num_classes)
     task = SupervisedTask(model)
@@ -38,14 +33,9 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, overwrite: bool =
         "num_classes": str(splits.train.num_classes),
         "taps": json.dumps(cfg.model.taps),
         "dataset": cfg.data.name,
-        "config": dump_config(cfg),
     }
-    logger = RunLogger(run.path, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
-                       purge_step=int(ckpt.state["step"]) + 1 if ckpt is not None else None)
-    engine = Engine(task, cfg.train, run, logger, device, metadata, log_every=cfg.log.log_every)
-    if ckpt is not None:
-        engine.load_state(ckpt)
-        logger.info(f"resuming {run.path} after epoch {engine.start_epoch}")
+    engine = open_run(cfg.log.root, cfg.log.name, cfg, task, device, metadata, resume=resume, overwrite=overwrite)
+    run = engine.run
     workers = cfg.data.num_workers
     train_loader = make_loader(splits.train, cfg.train.batch_size, train=True, num_workers=workers, device=device)
     evals = {}
@@ -57,7 +47,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, overwrite: bool =
                                     device=device)
     t0 = time.perf_counter()
     result = engine.fit(train_loader, evals, select="val/acc" if "val" in evals else None)
-    logger.close()
+    engine.logger.close()
     final = result.final
     best_row = result.history[result.best_epoch - 1] if result.best_epoch else final
     write_json(run.metrics, {

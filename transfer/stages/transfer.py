@@ -12,20 +12,19 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from transfer.config import TransferConfig, dump_config
+from transfer.config import TransferConfig
 from transfer.data import build_dataset
 from transfer.data.transforms import build_transform
-from transfer.engine.logger import RunLogger
-from transfer.engine.rundir import prepare_run_dir, write_json
+from transfer.engine.rundir import write_json
 from transfer.engine.runtime import resolve_device, seed_everything, set_threads
-from transfer.engine.trainer import Engine, FitResult
+from transfer.engine.trainer import FitResult
 from transfer.errors import CKTFError
 from transfer.losses.layer_mapping import check_stage_counts, select_teacher_blocks
 from transfer.losses.terms import TermContext, build_terms
 from transfer.models import FeatureTaps, TapSpec, build_model, tap_spec_for
 from transfer.models.checkpoints import freeze, load_network
 from transfer.sampling import build_sampler, cached_neighbour_table, file_sha256
-from transfer.stages.common import make_loader, resume_checkpoint, write_run_config
+from transfer.stages.common import make_loader, open_run
 from transfer.tasks.transfer import TransferTask
 
 
@@ -96,9 +95,6 @@ def run_transfer(cfg: TransferConfig, *, resume: bool = False, overwrite: bool =
                                 hard_pool=cfg.sampler.hard_pool, shared=cfg.sampler.shared)
     task = TransferTask(student, teacher, terms, weights, sampler)
 
-    run = prepare_run_dir(cfg.log.root, cfg.log.name, resume=resume, overwrite=overwrite)
-    ckpt = resume_checkpoint(run, resume)
-    write_run_config(run, cfg, resume=resume)
     metadata = {
         "kind": "transfer",
         "model": cfg.student.name,
@@ -110,18 +106,13 @@ def run_transfer(cfg: TransferConfig, *, resume: bool = False, overwrite: bool =
         "teacher_model": teacher_net.name,
         "layer_mapping": json.dumps(mapping),
         "dataset": cfg.data.name,
-        "config": dump_config(cfg),
     }
-    logger = RunLogger(run.path, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
-                       purge_step=int(ckpt.state["step"]) + 1 if ckpt is not None else None)
-    engine = Engine(task, cfg.train, run, logger, device, metadata, log_every=cfg.log.log_every)
-    if ckpt is not None:
-        engine.load_state(ckpt)
-        logger.info(f"resuming {run.path} after epoch {engine.start_epoch}")
+    engine = open_run(cfg.log.root, cfg.log.name, cfg, task, device, metadata, resume=resume, overwrite=overwrite)
+    run = engine.run
     loader = make_loader(pool, cfg.train.batch_size, train=True, num_workers=cfg.data.num_workers, device=device)
     t0 = time.perf_counter()
     result = engine.fit(loader)
-    logger.close()
+    engine.logger.close()
     write_json(run.metrics, {
         "kind": "transfer",
         "method": cfg.loss.method,

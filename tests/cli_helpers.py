@@ -1,0 +1,22 @@
+"""Running `cktf` in-process as a user would, and checking its one-line errors."""
+
+from click.testing import CliRunner
+
+from transfer.cli import cli
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    """Exit code and output of ``cktf ARGS``; unexpected exceptions (bugs) propagate with their traceback."""
+    result = CliRunner().invoke(cli, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def one_line_error(code: int, output: str, *needles: str) -> None:
+    """A failed command printed exactly one ``Error:`` line, without traceback, containing every needle."""
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("Error:"), output
+    assert "Traceback" not in output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
