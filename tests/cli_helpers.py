@@ -1,5 +1,6 @@
 """Running `cktf` in-process as a user would, and checking its one-line errors."""
 
+import pytest
 from click.testing import CliRunner
 
 from transfer.cli import cli
@@ -20,3 +21,11 @@ def one_line_error(code: int, output: str, *needles: str) -> None:
     assert "Traceback" not in output
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+def assert_one_line(excinfo: pytest.ExceptionInfo, *fragments: str) -> None:
+    """A raised user error's message is one line containing every fragment."""
+    message = str(excinfo.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message

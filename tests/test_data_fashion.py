@@ -9,19 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.cli_helpers import assert_one_line
 from tests.data_fixtures import write_fashion_idx, write_idx
 from transfer.data import IndexedSubset, build_dataset, holdout_split
 from transfer.data import fashion_mnist as fm
 from transfer.errors import CKTFError
 
 REAL = Path("/usr/share/datasets/fashion-mnist")
-
-
-def one_line_error(excinfo: pytest.ExceptionInfo, *fragments: str) -> None:
-    message = str(excinfo.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 @pytest.fixture
@@ -49,20 +43,20 @@ def test_no_root_uses_default_dir_but_a_given_root_never_falls_back(tmp_path, fa
     assert len(build_dataset("fashion_mnist", "test", None)) == 100
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("fashion_mnist", "test", tmp_path / "typo")
-    one_line_error(excinfo, str(tmp_path / "typo"), "does not exist")
+    assert_one_line(excinfo, str(tmp_path / "typo"), "does not exist")
 
 
 def test_missing_default_dir_says_how_to_get_the_files(tmp_path, monkeypatch):
     monkeypatch.setattr(fm, "DEFAULT_DIR", tmp_path / "none")
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("fashion_mnist", "train", None)
-    one_line_error(excinfo, "apt-get install dataset-fashion-mnist", "zalandoresearch/fashion-mnist")
+    assert_one_line(excinfo, "apt-get install dataset-fashion-mnist", "zalandoresearch/fashion-mnist")
 
 
 def test_root_without_files_names_the_missing_file(tmp_path):
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("fashion_mnist", "train", tmp_path)
-    one_line_error(excinfo, "train-images-idx3-ubyte", "missing")
+    assert_one_line(excinfo, "train-images-idx3-ubyte", "missing")
 
 
 @pytest.mark.parametrize(
@@ -78,7 +72,7 @@ def test_malformed_idx_files_raise_one_line_errors(tmp_path, fashion, file, cont
     write_idx(tmp_path / file, content)
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("fashion_mnist", "test", tmp_path)
-    one_line_error(excinfo, file, expected)
+    assert_one_line(excinfo, file, expected)
 
 
 def test_truncated_and_corrupt_gzip_idx(tmp_path, fashion):
@@ -86,11 +80,11 @@ def test_truncated_and_corrupt_gzip_idx(tmp_path, fashion):
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-3]))
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("fashion_mnist", "test", tmp_path)
-    one_line_error(excinfo, path.name, "expected 108")
+    assert_one_line(excinfo, path.name, "expected 108")
     path.write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("fashion_mnist", "test", tmp_path)
-    one_line_error(excinfo, path.name)
+    assert_one_line(excinfo, path.name)
 
 
 def _original_class(image: torch.Tensor) -> int:
@@ -154,7 +148,7 @@ def test_target_train_is_balanced_deterministic_and_drawn_from_the_pool(tmp_path
 def test_bad_fashion_split_options(tmp_path, fashion, options, expected):
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("fashion_split", "target_train", tmp_path, **options)
-    one_line_error(excinfo, expected)
+    assert_one_line(excinfo, expected)
 
 
 def test_class_lists_may_be_comma_separated_strings(tmp_path, fashion):

@@ -9,16 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.cli_helpers import assert_one_line
 from tests.data_fixtures import write_image_folder
 from transfer.data import build_dataset, build_transform
 from transfer.errors import CKTFError
-
-
-def one_line_error(excinfo: pytest.ExceptionInfo, *fragments: str) -> None:
-    message = str(excinfo.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 @pytest.fixture
@@ -47,7 +41,7 @@ def test_val_class_unknown_to_train_is_rejected(tmp_path, folder):
     write_image_folder(tmp_path, classes=("cat", "dog", "emu", "fox"), splits=("val",))
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("image_folder", "val", tmp_path)
-    one_line_error(excinfo, "fox", str(tmp_path / "train"))
+    assert_one_line(excinfo, "fox", str(tmp_path / "train"))
 
 
 def test_unlabeled_reads_every_image_under_root_with_minus_one(tmp_path, folder):
@@ -84,24 +78,24 @@ def test_corrupt_image_is_reported_with_its_path(tmp_path, folder):
     ds = build_dataset("image_folder", "train", tmp_path)
     with pytest.raises(CKTFError) as excinfo:
         ds[2]
-    one_line_error(excinfo, str(bad))
+    assert_one_line(excinfo, str(bad))
 
 
 def test_missing_root_split_and_empty_folders(tmp_path, folder):
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("image_folder", "train", tmp_path / "absent")
-    one_line_error(excinfo, str(tmp_path / "absent"), "does not exist")
+    assert_one_line(excinfo, str(tmp_path / "absent"), "does not exist")
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("image_folder", "test", tmp_path)
-    one_line_error(excinfo, "test/", "found: train, val")
+    assert_one_line(excinfo, "test/", "found: train, val")
     (tmp_path / "train" / "gnu").mkdir()
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("image_folder", "train", tmp_path)
-    one_line_error(excinfo, "gnu")
+    assert_one_line(excinfo, "gnu")
     (tmp_path / "empty" / "test").mkdir(parents=True)
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("image_folder", "test", tmp_path / "empty")
-    one_line_error(excinfo, str(tmp_path / "empty" / "test"), "no class subfolders")
+    assert_one_line(excinfo, str(tmp_path / "empty" / "test"), "no class subfolders")
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("image_folder", "unlabeled", tmp_path / "empty")
-    one_line_error(excinfo, "contains no images")
+    assert_one_line(excinfo, "contains no images")

@@ -7,18 +7,12 @@ import shutil
 import pytest
 import torch
 
+from tests.cli_helpers import assert_one_line
 from tests.data_fixtures import write_tinyimagenet
 from transfer.data import build_dataset
 from transfer.errors import CKTFError
 
 WNIDS = ("n03000000", "n01000000", "n02000000")  # unsorted on purpose, as in the real wnids.txt
-
-
-def one_line_error(excinfo: pytest.ExceptionInfo, *fragments: str) -> None:
-    message = str(excinfo.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 @pytest.fixture
@@ -73,7 +67,7 @@ def test_missing_val_annotations_names_the_file(tmp_path, tin):
     (tmp_path / "val" / "val_annotations.txt").unlink()
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("tinyimagenet", "val", tmp_path)
-    one_line_error(excinfo, "val_annotations.txt", "missing")
+    assert_one_line(excinfo, "val_annotations.txt", "missing")
 
 
 def test_unknown_wnid_in_annotations_names_file_and_line(tmp_path, tin):
@@ -83,14 +77,14 @@ def test_unknown_wnid_in_annotations_names_file_and_line(tmp_path, tin):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("tinyimagenet", "val", tmp_path)
-    one_line_error(excinfo, "val_annotations.txt", "line 2", "n09999999")
+    assert_one_line(excinfo, "val_annotations.txt", "line 2", "n09999999")
 
 
 def test_annotation_of_missing_image_is_reported(tmp_path, tin):
     (tmp_path / "val" / "images" / "val_3.JPEG").unlink()
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("tinyimagenet", "val", tmp_path)
-    one_line_error(excinfo, "val_annotations.txt", "line 4", "val_3.JPEG")
+    assert_one_line(excinfo, "val_annotations.txt", "line 4", "val_3.JPEG")
 
 
 def test_corrupt_jpeg_is_reported_with_its_path(tmp_path, tin):
@@ -100,7 +94,7 @@ def test_corrupt_jpeg_is_reported_with_its_path(tmp_path, tin):
     ds[0]
     with pytest.raises(CKTFError) as excinfo:
         ds[ds.paths.index(str(bad))]
-    one_line_error(excinfo, str(bad))
+    assert_one_line(excinfo, str(bad))
 
 
 @pytest.mark.parametrize(
@@ -116,7 +110,7 @@ def test_missing_files_raise_one_line_errors(tmp_path, tin, remove, split, expec
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("tinyimagenet", split, tmp_path)
-    one_line_error(excinfo, expected, "missing")
+    assert_one_line(excinfo, expected, "missing")
 
 
 def test_root_may_contain_the_unpacked_archive_folder(tmp_path):
@@ -128,7 +122,7 @@ def test_root_may_contain_the_unpacked_archive_folder(tmp_path):
 def test_nonexistent_root_and_unknown_split(tmp_path):
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("tinyimagenet", "train", tmp_path / "absent")
-    one_line_error(excinfo, str(tmp_path / "absent"))
+    assert_one_line(excinfo, str(tmp_path / "absent"))
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("tinyimagenet", "unlabeled", tmp_path)
-    one_line_error(excinfo, "'unlabeled'", "train, val, test")
+    assert_one_line(excinfo, "'unlabeled'", "train, val, test")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,14 +19,6 @@ SMALL_RESNETS = ["resnet10", "resnet18", "resnet34", "resnet50"]
 ALL = CIFAR_RESNETS + WRNS + VGGS + SMALL_RESNETS
 UNIFORM = CIFAR_RESNETS + WRNS + VGGS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """These tensors are tiny: intra-op threads only add sync cost (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # (reference params in millions, relative tolerance, source). num_classes=100, in_channels=3.
 # "KD benchmark" = the CIFAR-100 figures quoted for the CRD (Tian et al., ICLR 2020) model

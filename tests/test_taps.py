@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import pickle
-from collections.abc import Iterator
 from functools import cache
 
 import pytest
@@ -20,15 +19,6 @@ VGG_CONVS = {"vgg8": [1, 1, 1, 1, 1], "vgg11": [1, 1, 2, 2, 2], "vgg13": [2, 2, 
              "vgg16": [2, 2, 3, 3, 3], "vgg19": [2, 2, 4, 4, 4]}
 SMALL_LAYERS = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3],
                 "resnet50": [3, 4, 6, 3]}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """These tensors are tiny: intra-op threads only add sync cost (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def family_definition(name: str) -> dict:
