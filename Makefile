@@ -37,20 +37,12 @@ test: setup
 lint: setup
 	$(BIN)/ruff check transfer linear_probe tests benchmarks
 
-# The demo; stage targets reuse finished runs and resume interrupted ones.
+# The demo: teacher -> KD, CRD, CKTF transfers -> probes -> controls -> comparison (reports/fashion_split).
+# Finished runs are reused and interrupted ones resumed. `make demo SEEDS=3` gives mean ± std over 3 seeds.
+SEEDS ?= 1
+REPORT ?= reports/fashion_split
 demo: setup
-	@$(MAKE) --no-print-directory teacher-demo
-
-.PHONY: teacher-demo
-teacher-demo:
-	@if [ -f $(RUNS)/fashion_teacher/metrics.json ]; then \
-		echo "teacher: reusing $(RUNS)/fashion_teacher (delete it to retrain)"; \
-	elif [ -f $(RUNS)/fashion_teacher/last.safetensors ]; then \
-		$(BIN)/cktf train-teacher --config configs/fashion_split/teacher.yaml --log.root $(RUNS) --resume; \
-	else \
-		$(BIN)/cktf train-teacher --config configs/fashion_split/teacher.yaml --log.root $(RUNS) --overwrite; \
-	fi
-	@cat $(RUNS)/fashion_teacher/metrics.json
+	$(BIN)/cktf demo --runs $(RUNS) --seeds $(SEEDS) --out $(REPORT)
 
 clean-runs:
 	rm -rf $(RUNS)

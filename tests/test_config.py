@@ -133,3 +133,17 @@ def test_shipped_configs_validate():
     assert teacher_files, "no teacher configs shipped"
     for path in teacher_files:
         load_config(path, TeacherConfig)
+
+
+def test_overrides_for_keeps_only_the_schemas_sections():
+    from transfer.config import TransferConfig
+    from transfer.config.loader import overrides_for
+
+    args = ["--model.name", "resnet8", "--sampler.num_negatives", "32", "--train.epochs=1"]
+    assert overrides_for(TeacherConfig, args) == ["--model.name", "resnet8", "--train.epochs", "1"]
+    assert overrides_for(TransferConfig, args) == ["--sampler.num_negatives", "32", "--train.epochs", "1"]
+
+
+def test_error_for_a_command_line_section_names_the_command_line(tmp_path):
+    msg = error_of(lambda: load_config(write(tmp_path, BASE), TeacherConfig, ["--sampler.k", "3"]))
+    assert "'sampler'" in msg and "command line" in msg and "c.yaml" not in msg

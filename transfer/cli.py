@@ -178,6 +178,28 @@ def compare_cmd(runs: tuple[str, ...], out: str, title: str | None) -> None:
         click.echo(f"{kind}: {path}")
 
 
+@cli.command("demo", context_settings=OVERRIDABLE)
+@click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for all runs of the demo.")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(1, 20),
+              help="Transfer/probe seeds (0..N-1); the report shows mean ± std over them.")
+@click.option("--out", "report", default="reports/fashion_split", show_default=True,
+              type=click.Path(file_okay=False), help="Directory for the comparison report.")
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--section.key VALUE]...")
+def demo_cmd(runs_root: str, seeds: int, report: str, overrides: tuple[str, ...]) -> None:
+    """The whole pipeline on fashion_split: teacher, KD/CRD/CKTF transfers, probes, controls, comparison.
+
+    Finished runs are reused and interrupted ones resumed, so running it again only does what is missing.
+    Overrides (e.g. --data.root DIR) apply to every step.
+    """
+    from linear_probe.demo import run_demo
+
+    paths = run_demo(runs_root, list(range(seeds)), report, overrides)
+    click.echo(paths["md"].read_text())
+    for kind, path in paths.items():
+        click.echo(f"{kind}: {path}")
+
+
 @cli.command("models")
 def models_cmd() -> None:
     """List the registered model names."""

@@ -233,7 +233,19 @@ def apply_overrides(values: dict[str, Any], schema: type, overrides: list[tuple[
                 raise CKTFError(f"cannot set '--{key}': '{part}' is not a section")
             node = child
         node[parts[-1]] = _parse_raw(raw, tp)
+        for i in range(1, len(parts) + 1):
+            source.setdefault(".".join(parts[:i]), "on the command line")
         source[key] = "on the command line"
+
+
+def overrides_for(schema: type, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """The overrides whose section exists in ``schema`` (for options applied to several stages at once)."""
+    sections = {f.name for f in dataclasses.fields(schema)}
+    kept: list[str] = []
+    for key, raw in parse_overrides(overrides):
+        if key.split(".")[0] in sections:
+            kept += [f"--{key}", raw]
+    return kept
 
 
 def load_config(path: str | Path | None, schema: type[T], overrides: list[str] | tuple[str, ...] = ()) -> T:

@@ -1,0 +1,108 @@
+"""``cktf demo``: the whole pipeline on ``fashion_split`` (CPU), end to end.
+
+teacher → KD, CRD and CKTF transfers → linear probes → controls → comparison report. The controls answer
+a reviewer's questions: logistic regression on raw pixels (is a network needed at all?), a randomly
+initialised student (what does the architecture alone give?), CKTF from an *untrained* teacher (how much
+comes from the teacher rather than from contrastive training on target images), and the teacher's own
+features. Every step is a normal ``cktf`` run in ``<root>/<name>``: a finished run (its ``metrics.json``
+exists) is reused, an interrupted one resumed, so re-running the demo only does what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from linear_probe.compare import compare
+from linear_probe.config import ProbeConfig
+from linear_probe.stage import run_probe
+from transfer.config import TeacherConfig, TransferConfig, load_config
+from transfer.config.loader import overrides_for
+from transfer.stages.teacher import train_teacher
+from transfer.stages.transfer import run_transfer
+
+log = logging.getLogger("cktf")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "fashion_split"
+METHODS = ("kd", "crd", "cktf")
+
+
+@dataclass
+class Step:
+    """One run of the demo: a stage, its config file and overrides, and where its results land."""
+
+    stage: str
+    config: Path
+    run_dir: Path
+    overrides: list[str] = field(default_factory=list)
+    student: Path | None = None
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "metrics.json").is_file()
+
+    @property
+    def interrupted(self) -> bool:
+        return (self.run_dir / "last.safetensors").is_file() and not self.done
+
+
+def plan(root: Path, seeds: list[int], configs: Path = CONFIGS) -> tuple[list[Step], list[Path]]:
+    """The demo's steps in order, and the run directories the comparison reads."""
+    teacher, untrained = root / "fashion_teacher", root / "fashion_teacher_untrained"
+    steps = [
+        Step("teacher", configs / "teacher.yaml", teacher, ["--log.name", teacher.name]),
+        Step("teacher", configs / "teacher.yaml", untrained, ["--log.name", untrained.name, "--train.epochs", "0"]),
+        Step("probe", configs / "probe.yaml", teacher / "probe", student=teacher / "best.safetensors"),
+    ]
+    compared: list[Path] = []
+    for seed in seeds:
+        seed_args = ["--train.seed", str(seed)]
+        transfers = [(m, teacher, []) for m in METHODS]
+        transfers.append(("cktf", untrained, ["--loss.method", "cktf_untrained_teacher"]))
+        for method, source, extra in transfers:
+            name = f"fashion_{method}_s{seed}" if source is teacher else f"fashion_cktf_untrained_teacher_s{seed}"
+            run = root / name
+            steps.append(Step("transfer", configs / f"{method}.yaml", run,
+                              ["--log.name", name, "--teacher.checkpoint", str(source / "best.safetensors"),
+                               *seed_args, *extra]))
+            steps.append(Step("probe", configs / "probe.yaml", run / "probe", seed_args,
+                              student=run / "last.safetensors"))
+            compared.append(run)
+        for control, extra in (("pixels", ["--probe.backbone", "pixels"]),
+                               ("random_init", ["--probe.backbone", "random", "--probe.model", "resnet8"])):
+            out = root / f"fashion_{control}_s{seed}" / "probe"
+            steps.append(Step("probe", configs / "probe.yaml", out, [*extra, "--probe.out", str(out), *seed_args]))
+            compared.append(out.parent)
+    compared.append(teacher)
+    return steps, compared
+
+
+def run_step(step: Step, root: Path, extra: list[str] | tuple[str, ...] = ()) -> None:
+    """Run ``step`` unless it already finished; resume it if it was interrupted.
+
+    ``extra`` overrides go first, so a step's own overrides (e.g. the untrained teacher's 0 epochs) win.
+    """
+    if step.done:
+        log.info(f"demo: reusing {step.run_dir}")
+        return
+    resume = step.interrupted
+    log.info(f"demo: {'resuming' if resume else 'running'} {step.stage} -> {step.run_dir}")
+    if step.stage == "probe":
+        cfg = load_config(step.config, ProbeConfig, [*overrides_for(ProbeConfig, extra), *step.overrides])
+        run_probe(cfg, str(step.student) if step.student else None, resume=resume, overwrite=not resume)
+        return
+    schema = TeacherConfig if step.stage == "teacher" else TransferConfig
+    cfg = load_config(step.config, schema, [*overrides_for(schema, extra), *step.overrides, "--log.root", str(root)])
+    stage = train_teacher if step.stage == "teacher" else run_transfer
+    stage(cfg, resume=resume, overwrite=not resume)
+
+
+def run_demo(root: str | Path = "runs", seeds: list[int] | None = None, report: str | Path = "reports/fashion_split",
+             extra: list[str] | tuple[str, ...] = (), configs: Path = CONFIGS) -> dict[str, Path]:
+    """Run every missing step (``extra`` overrides apply to all), then write the comparison to ``report``."""
+    root = Path(root)
+    steps, compared = plan(root, seeds or [0], configs)
+    for step in steps:
+        run_step(step, root, extra)
+    title = f"fashion_split: probe accuracy on the target classes ({len(seeds or [0])} seed(s))"
+    return compare(compared, report, title)
