@@ -148,3 +148,26 @@ def test_gradients_reach_student_and_heads_never_teacher():
         id(p) for p in terms.parameters()}
     assert torch.equal(bn.running_mean, bn_before)
     assert set(out.terms) >= {"kd", "pckt", "mckt/stem", "mckt/stage3"}
+
+
+def test_fill_banks_writes_each_items_initial_embedding():
+    torch.manual_seed(0)
+    student = FeatureTaps(build_model("resnet8", 1, 5), tap_spec_for("resnet8"))
+    teacher = FeatureTaps(build_model("resnet8", 1, 5), tap_spec_for("resnet8"))
+    shape = (1, 28, 28)
+    ctx = TermContext(student.channels(shape), teacher.channels(shape), num_items=12, mapping=[-1, -1, -1])
+    terms, weights = build_terms(LossConfig(mckt=0.8, pckt=0.2), ctx)
+    task = TransferTask(student, teacher, terms, weights, build_sampler("uniform", 12, 4))
+    images = torch.randn(12, 1, 28, 28)
+    data = [(images[i], -1, i) for i in range(12)]
+    task.fill_banks(torch.utils.data.DataLoader(data, batch_size=5), torch.device("cpu"))
+    pair = terms["pckt"].pair
+    task.eval()
+    with torch.no_grad():
+        expected_s = pair.head_student(student(images).penultimate)
+        expected_t = pair.head_teacher(teacher(images).penultimate)
+    assert torch.allclose(pair.objective.bank_student.weight, expected_s, atol=1e-5)
+    assert torch.allclose(pair.objective.bank_teacher.weight, expected_t, atol=1e-5)
+    stem = terms["mckt"].pairs["stem"].objective.bank_teacher.weight
+    assert torch.allclose(stem.norm(dim=1), torch.ones(12), atol=1e-5)
+    assert torch.isnan(pair.objective.z_student)  # Z is still estimated on the first training batch

@@ -112,6 +112,9 @@ class LossConfig:
     embed_dim: int = option(128, help="d: projection output size", min=16, max=1024)
     projection: Literal["linear", "mlp"] = option("linear", help="projection head g(·)")
     nce_momentum: float = option(0.5, help="memory-bank momentum", min=0.0, max=1.0)
+    bank_init: Literal["random", "embed"] = option(
+        "random", help="random: CRD's uniform-noise banks; embed: fill the banks with the networks' initial "
+        "embeddings of every item before training (meaningful positives from the first step)")
     layer_mapping: Literal["last", "first", "random", "largest", "smallest"] = option(
         "last", help="which teacher block of each stage pairs with the student's last block")
 

@@ -57,8 +57,10 @@ class MemoryBank(nn.Module):
         return self.weight[indices]
 
     @torch.no_grad()
-    def update(self, indices: Tensor, embeddings: Tensor) -> None:
+    def update(self, indices: Tensor, embeddings: Tensor, momentum: float | None = None) -> None:
         """``weight[i] <- normalise(m·weight[i] + (1-m)·e)`` for each ``(i, e)``; the only write to the bank.
+
+        ``momentum`` overrides the bank's own (``0.0`` overwrites rows, e.g. to fill the bank before training).
 
         Duplicate indices in one call: every occurrence is blended with the row as it was *before* the
         call and the last occurrence wins, deterministically (``index_copy_`` alone leaves the winner
@@ -74,8 +76,9 @@ class MemoryBank(nn.Module):
             raise CKTFError(f"memory-bank update expects indices [B] and embeddings [B, {self.dim}] "
                             f"(loss.embed_dim); got {tuple(indices.shape)} and {tuple(embeddings.shape)}")
         indices, embeddings = _last_occurrence(indices.long(), embeddings)
+        m = self.momentum if momentum is None else momentum
         old = self.weight.index_select(0, indices)
-        new = old.mul_(self.momentum).add_(embeddings.to(self.weight.dtype), alpha=1.0 - self.momentum)
+        new = old.mul_(m).add_(embeddings.to(self.weight.dtype), alpha=1.0 - m)
         self.weight.index_copy_(0, indices, F.normalize(new, dim=1))
 
     def extra_repr(self) -> str:

@@ -54,6 +54,10 @@ class LossTerm(nn.Module):
     def forward(self, batch: TransferBatch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def fill_banks(self, batch: TransferBatch) -> None:
+        """Write this batch's current embeddings into the term's memory banks (no-op without banks)."""
+
 
 class ContrastivePair(nn.Module):
     """Projection heads for one (student, teacher) feature pair and their NCE objective."""
@@ -68,6 +72,12 @@ class ContrastivePair(nn.Module):
                 negatives: torch.Tensor) -> torch.Tensor:
         out = self.objective(self.head_student(student), self.head_teacher(teacher), indices, negatives)
         return out.loss
+
+    @torch.no_grad()
+    def fill_banks(self, student: torch.Tensor, teacher: torch.Tensor, indices: torch.Tensor) -> None:
+        """Overwrite the bank rows of ``indices`` with the heads' current embeddings (``loss.bank_init embed``)."""
+        self.objective.bank_student.update(indices, self.head_student(student).float(), momentum=0.0)
+        self.objective.bank_teacher.update(indices, self.head_teacher(teacher).float(), momentum=0.0)
 
 
 class ModuleContrastTerm(LossTerm):
@@ -91,6 +101,11 @@ class ModuleContrastTerm(LossTerm):
             losses[f"mckt/{name}"] = self.pairs[name](fs, ft, batch.indices, batch.negatives)
         return losses
 
+    @torch.no_grad()
+    def fill_banks(self, batch: TransferBatch) -> None:
+        for name, fs, ft in paired_features(batch.student, batch.teacher, self.mapping.tolist()):
+            self.pairs[name].fill_banks(fs, ft, batch.indices)
+
 
 class PenultimateContrastTerm(LossTerm):
     """L_PCKT: the contrastive objective on the penultimate vectors (exactly CRD when used alone), eq. 4."""
@@ -105,6 +120,10 @@ class PenultimateContrastTerm(LossTerm):
     def forward(self, batch: TransferBatch) -> dict[str, torch.Tensor]:
         return {"pckt": self.pair(batch.student.penultimate, batch.teacher.penultimate, batch.indices,
                                   batch.negatives)}
+
+    @torch.no_grad()
+    def fill_banks(self, batch: TransferBatch) -> None:
+        self.pair.fill_banks(batch.student.penultimate, batch.teacher.penultimate, batch.indices)
 
 
 class KDTerm(LossTerm):

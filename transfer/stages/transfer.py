@@ -107,6 +107,9 @@ def run_transfer(cfg: TransferConfig, *, resume: bool = False, overwrite: bool =
         "layer_mapping": json.dumps(mapping),
         "dataset": cfg.data.name,
     }
+    if cfg.loss.bank_init == "embed" and not resume:
+        task.to(device).fill_banks(DataLoader(probe_ds, batch_size=cfg.train.eval_batch_size,
+                                              num_workers=cfg.data.num_workers), device)
     engine = open_run(cfg.log.root, cfg.log.name, cfg, task, device, metadata, resume=resume, overwrite=overwrite)
     run = engine.run
     loader = make_loader(pool, cfg.train.batch_size, train=True, num_workers=cfg.data.num_workers, device=device)

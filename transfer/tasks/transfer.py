@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from transfer.engine.task import StepOutput, Task
 from transfer.losses.terms import TransferBatch
@@ -53,6 +54,24 @@ class TransferTask(Task):
             total = total + self.weights[name] * sum(losses.values())
             logged.update({key: value.detach() for key, value in losses.items()})
         return StepOutput(total, logged)
+
+    @torch.no_grad()
+    def fill_banks(self, loader: DataLoader, device: torch.device) -> None:
+        """Fill every memory bank with the networks' initial embeddings of each item (``loss.bank_init embed``).
+
+        CRD starts its banks from uniform noise and writes each row once per epoch with momentum 0.5, so after
+        k epochs a fraction 0.5^k of every positive is still noise — most of a short schedule. Filled banks
+        give meaningful positives and negatives from the first step: the teacher side starts as a random
+        projection of the teacher's features, which preserves their geometry.
+        """
+        was_training = self.training
+        self.eval()
+        for images, targets, indices in loader:
+            images, indices = images.to(device), indices.to(device)
+            batch = TransferBatch(self.student(images), self.teacher(images), indices, targets, None)
+            for term in self.terms.values():
+                term.fill_banks(batch)
+        self.train(was_training)
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
