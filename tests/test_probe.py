@@ -165,3 +165,16 @@ def test_compare_cli_writes_report_and_rejects_empty_run_dir(student, tmp_path):
     empty.mkdir()
     one_line_error(*invoke("compare", str(empty), "--out", str(tmp_path / "r2")), "empty_run")
     assert not (tmp_path / "r2").exists()
+
+
+def test_stl10_probe_with_the_paper_config(tmp_path):
+    from tests.data_fixtures import write_stl10
+
+    write_stl10(tmp_path / "stl", n_train=40, n_test=20, n_unlabeled=4)
+    code, out = invoke("probe", "--config", str(REPO / "configs/tinyimagenet_to_stl10/probe.yaml"),
+                       "--data.root", str(tmp_path / "stl"), "--probe.backbone", "random", "--probe.model", "vgg8",
+                       "--probe.out", str(tmp_path / "p"), "--train.epochs", "2", "--train.batch_size", "8",
+                       "--data.num_workers", "0", "--probe.knn_k", "3")
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "p/metrics.json").read_text())
+    assert metrics["train_items"] == 40 and metrics["test_items"] == 20 and metrics["mode"] == "augment"
