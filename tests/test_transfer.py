@@ -77,9 +77,10 @@ def test_contrastive_loss_decreases(setup):
 
 
 def test_resume_restores_banks_z_and_heads(setup):
-    assert invoke(*transfer_args(setup, "cktf", "r_straight"))[0] == 0
-    assert invoke(*transfer_args(setup, "cktf", "r_split", "--train.epochs", "1"))[0] == 0
-    code, out = invoke(*transfer_args(setup, "cktf", "r_split", "--resume"))
+    per_anchor = ("--sampler.shared", "false")
+    assert invoke(*transfer_args(setup, "cktf", "r_straight", *per_anchor))[0] == 0
+    assert invoke(*transfer_args(setup, "cktf", "r_split", "--train.epochs", "1", *per_anchor))[0] == 0
+    code, out = invoke(*transfer_args(setup, "cktf", "r_split", "--resume", *per_anchor))
     assert code == 0, out
     a = load_checkpoint(setup / "runs/r_straight/last.safetensors").state["task"]
     b = load_checkpoint(setup / "runs/r_split/last.safetensors").state["task"]
@@ -90,14 +91,14 @@ def test_resume_restores_banks_z_and_heads(setup):
 
 def test_debiased_sampler_builds_then_reuses_neighbour_cache(setup, caplog):
     args = transfer_args(setup, "crd", "deb", "--sampler.kind", "debiased", "--sampler.k", "4",
-                         "--train.epochs", "1")
+                         "--train.epochs", "1", "--sampler.shared", "false")
     with caplog.at_level("INFO", logger="cktf"):
         assert invoke(*args)[0] == 0
     tables = list((setup / "cache").glob("neighbours-*.safetensors"))
     assert len(tables) == 1
     stamp = tables[0].stat().st_mtime_ns
     assert invoke(*transfer_args(setup, "crd", "deb2", "--sampler.kind", "debiased", "--sampler.k", "4",
-                                 "--train.epochs", "1"))[0] == 0
+                                 "--train.epochs", "1", "--sampler.shared", "false"))[0] == 0
     assert tables[0].stat().st_mtime_ns == stamp and len(list((setup / "cache").glob("*.safetensors"))) == 1
 
 
@@ -171,3 +172,8 @@ def test_fill_banks_writes_each_items_initial_embedding():
     stem = terms["mckt"].pairs["stem"].objective.bank_teacher.weight
     assert torch.allclose(stem.norm(dim=1), torch.ones(12), atol=1e-5)
     assert torch.isnan(pair.objective.z_student)  # Z is still estimated on the first training batch
+
+
+def test_shared_negatives_need_the_uniform_sampler(setup):
+    code, out = invoke(*transfer_args(setup, "crd", "sh", "--sampler.kind", "hard"))
+    one_line_error(code, out, "sampler.shared")

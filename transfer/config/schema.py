@@ -140,6 +140,11 @@ class SamplerConfig:
                                                    "beyond (auto)")
     cache_dir: str = option("data_cache/neighbours", help="where neighbour tables are cached")
 
+    def validate(self) -> None:
+        if self.shared and self.kind != "uniform":
+            raise CKTFError(f"sampler.shared true needs sampler.kind uniform ({self.kind} negatives depend on "
+                            "each anchor); set --sampler.shared false")
+
 
 @dataclass
 class TransferConfig:
