@@ -61,3 +61,15 @@ def test_embed_dim_out_of_range(out_dim):
 def test_unknown_kind():
     with pytest.raises(CKTFError, match="loss.projection"):
         ProjectionHead(32, 16, "conv")  # type: ignore[arg-type]
+
+
+def test_bn_linear_head_centres_its_input_before_projecting():
+    torch.manual_seed(0)
+    head = ProjectionHead(16, 32, kind="bn_linear")
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) and m.affine for m in head.modules())
+    x = torch.rand(64, 16, 3, 3) + 5.0  # all-positive pooled features in one narrow cone
+    out = head(x)
+    assert out.shape == (64, 32) and torch.allclose(out.norm(dim=1), torch.ones(64), atol=1e-5)
+    linear = ProjectionHead(16, 32, kind="linear")
+    cos = lambda g: (g @ g.T)[~torch.eye(64, dtype=torch.bool)].mean()  # noqa: E731
+    assert cos(out.detach()) < 0.2 < cos(linear(x).detach())

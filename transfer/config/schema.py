@@ -110,7 +110,9 @@ class LossConfig:
     temperature: float = option(0.1, help="τ of the NCE objectives", min=1e-4)
     kd_temperature: float = option(4.0, help="ρ of the KD term", min=1e-4)
     embed_dim: int = option(128, help="d: projection output size", min=16, max=1024)
-    projection: Literal["linear", "mlp"] = option("linear", help="projection head g(·)")
+    projection: Literal["linear", "bn_linear", "mlp"] = option(
+        "linear", help="projection head g(·): linear (paper), bn_linear (non-affine BatchNorm of the pooled input, "
+        "then linear) or mlp")
     nce_momentum: float = option(0.5, help="memory-bank momentum", min=0.0, max=1.0)
     bank_init: Literal["random", "embed"] = option(
         "random", help="random: CRD's uniform-noise banks; embed: fill the banks with the networks' initial "

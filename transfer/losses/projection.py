@@ -41,14 +41,16 @@ def pool_flatten(x: Tensor) -> Tensor:
 
 
 class ProjectionHead(nn.Module):
-    """``normalise(W · pool(x))`` (``kind="linear"``, CRD) or a 2-layer MLP (``kind="mlp"``).
+    """``normalise(W · pool(x))`` (``kind="linear"``, CRD), the same after a non-affine BatchNorm of the pooled
+    input (``kind="bn_linear"``) or a 2-layer MLP (``kind="mlp"``).
 
     The MLP is ``Linear(in, h) → ReLU → Linear(h, out)`` with ``h = max(in_dim, out_dim)``: as wide as
     the wider end, so the hidden layer is never a bottleneck narrower than both. The output is fp32
     (normalising a half-precision vector loses the ``eps`` guard) and unit norm per sample.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 128, kind: Literal["linear", "mlp"] = "linear") -> None:
+    def __init__(self, in_dim: int, out_dim: int = 128,
+                 kind: Literal["linear", "bn_linear", "mlp"] = "linear") -> None:
         super().__init__()
         lo, hi = _EMBED_RANGE
         if not lo <= out_dim <= hi:
@@ -57,11 +59,15 @@ class ProjectionHead(nn.Module):
             raise CKTFError(f"projection input size must be positive; got {in_dim} (feature channels)")
         if kind == "linear":
             self.net: nn.Module = nn.Linear(in_dim, out_dim)
+        elif kind == "bn_linear":
+            # Pooled post-ReLU features all lie in one narrow cone; centring and scaling them first keeps the
+            # instance-specific part from being swamped by the shared mean direction.
+            self.net = nn.Sequential(nn.BatchNorm1d(in_dim, affine=False), nn.Linear(in_dim, out_dim))
         elif kind == "mlp":
             hidden = max(in_dim, out_dim)
             self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
         else:
-            raise CKTFError(f"loss.projection must be 'linear' or 'mlp'; got {kind!r}")
+            raise CKTFError(f"loss.projection must be 'linear', 'bn_linear' or 'mlp'; got {kind!r}")
         self.in_dim, self.out_dim, self.kind = in_dim, out_dim, kind
 
     def forward(self, x: Tensor) -> Tensor:
