@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from transfer.models import FeatureTaps, TapSpec, tap_spec_for
 from transfer.models.checkpoints import freeze
@@ -56,16 +56,3 @@ class FeatureDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.features[i], int(self.targets[i]), i
-
-
-@torch.no_grad()
-def extract_features(backbone: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
-                     num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features [N, C] float32 on CPU, targets [N])`` of every item, in dataset order."""
-    backbone.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    feats, targets = [], []
-    for images, target, _ in loader:
-        feats.append(backbone(images.to(device)).cpu())
-        targets.append(torch.as_tensor(target))
-    return torch.cat(feats), torch.cat(targets).long()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from linear_probe.config import ProbeConfig
-from linear_probe.features import FeatureDataset, PixelFeatures, extract_features, network_features
+from linear_probe.features import FeatureDataset, PixelFeatures, network_features
 from linear_probe.knn import knn_accuracy
 from linear_probe.probe import LinearProbe, ProbeTask
 from transfer.data import build_dataset
@@ -30,7 +30,7 @@ from transfer.engine.runtime import resolve_device, seed_everything, set_threads
 from transfer.errors import CKTFError
 from transfer.models import build_model
 from transfer.models.checkpoints import load_network
-from transfer.stages.common import make_loader, open_run
+from transfer.stages.common import extract_features, make_loader, open_run
 
 TAGS = {"test/acc": "probe/test_acc", "train/loss_epoch": "probe/train_loss", "val/acc": "probe/val_acc"}
 

@@ -58,6 +58,19 @@ def build_splits(cfg: DataConfig, seed: int) -> SplitSet:
     return SplitSet(train, val, test)
 
 
+@torch.no_grad()
+def extract_features(features: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
+                     device: torch.device, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features [N, C] float32 on CPU, targets [N])`` of every item in dataset order; ``features`` maps a batch
+    of images to their feature vectors (a frozen network, already in eval mode)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    feats, targets = [], []
+    for images, target, _ in loader:
+        feats.append(features(images.to(device)).float().cpu())
+        targets.append(torch.as_tensor(target))
+    return torch.cat(feats), torch.cat(targets).long()
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int,
                 device: torch.device) -> DataLoader:
     """A DataLoader with its own generator (reseeded by the engine every epoch for exact resumes)."""

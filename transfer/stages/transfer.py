@@ -24,7 +24,7 @@ from transfer.losses.terms import TermContext, build_terms
 from transfer.models import FeatureTaps, TapSpec, build_model, tap_spec_for
 from transfer.models.checkpoints import freeze, load_network
 from transfer.sampling import build_sampler, cached_neighbour_table, file_sha256
-from transfer.stages.common import make_loader, open_run
+from transfer.stages.common import extract_features, make_loader, open_run
 from transfer.tasks.transfer import TransferTask
 
 
@@ -35,9 +35,7 @@ def _spec(name: str, model: torch.nn.Module, taps: dict, option: str) -> TapSpec
 @torch.no_grad()
 def embed_pool(teacher: FeatureTaps, dataset, batch_size: int, device: torch.device, workers: int) -> torch.Tensor:
     """The frozen teacher's penultimate features of every item (eval transform), as [N, C] float32 on CPU."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    chunks = [teacher(images.to(device)).penultimate.float().cpu() for images, _, _ in loader]
-    return torch.cat(chunks)
+    return extract_features(lambda images: teacher(images).penultimate, dataset, batch_size, device, workers)[0]
 
 
 def run_transfer(cfg: TransferConfig, *, resume: bool = False, overwrite: bool = False) -> FitResult:
