@@ -85,3 +85,16 @@ def test_bad_options_and_shapes_raise():
     bank = MemoryBank(10, 4)
     with pytest.raises(CKTFError, match=r"embeddings \[B, 4\].*\(2, 3\)"):
         bank.update(torch.tensor([0, 1]), torch.randn(2, 3))
+
+
+def test_sync_free_duplicate_handling_writes_the_same_rows_as_dropping_duplicates():
+    from transfer.losses.memory_bank import _last_occurrence
+
+    indices = torch.tensor([3, 1, 3, 0, 1, 3])
+    values = torch.arange(6.0)[:, None].expand(6, 2)
+    kept_i, kept_v = _last_occurrence(indices, values, 5, sync_free=False)
+    all_i, all_v = _last_occurrence(indices, values, 5, sync_free=True)
+    assert all_i.tolist() == indices.tolist()
+    assert all_v[:, 0].tolist() == [5, 4, 5, 3, 4, 5]  # every occurrence carries its index's last value
+    dropped = torch.zeros(5, 2).index_copy_(0, kept_i, kept_v)
+    torch.testing.assert_close(torch.zeros(5, 2).index_copy_(0, all_i, all_v), dropped)

@@ -318,3 +318,29 @@ def test_bank_scores_function_passes_gradcheck(chunk_columns):
     assert torch.autograd.gradcheck(lambda x: _BankScores.apply(x, weight, chunks, _PreUpdateRows(weight, None)), g)
     torch.testing.assert_close(_BankScores.apply(g, weight, chunks, _PreUpdateRows(weight, None)),
                                (weight[columns] @ g[:, :, None]).squeeze(2))
+
+
+def test_shared_negative_softplus_passes_gradcheck():
+    from transfer.losses.nce import _SharedNegativeSoftplus
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    shift = torch.tensor(0.3, dtype=torch.float64)
+    g = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: _SharedNegativeSoftplus.apply(x, rows, 2.5, shift), g)
+    torch.testing.assert_close(_SharedNegativeSoftplus.apply(g, rows, 2.5, shift),
+                               F.softplus(g @ rows.T * 2.5 - shift).sum())
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_second_step_with_frozen_z_matches_oracle(shared):
+    nce, g_s, g_t, indices, negatives = make_case(shared)
+    nce(g_s, g_t, indices, negatives).loss.backward()  # estimates Z, updates the banks
+    g_s.grad = g_t.grad = None
+    old_s, old_t = banks(nce)
+    out = nce(g_s, g_t, indices.flip(0), negatives)
+    out.loss.backward()
+    ref, grad_s, grad_t = run_oracle(old_s, old_t, g_s, g_t, indices.flip(0), negatives,
+                                     z_s=nce.z_student.double(), z_t=nce.z_teacher.double())
+    assert rel(out.loss, ref.loss) < 1e-5
+    assert rel(g_s.grad, grad_s) < 1e-5 and rel(g_t.grad, grad_t) < 1e-5

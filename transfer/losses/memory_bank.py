@@ -75,7 +75,7 @@ class MemoryBank(nn.Module):
         if indices.dim() != 1 or embeddings.shape != (indices.shape[0], self.dim):
             raise CKTFError(f"memory-bank update expects indices [B] and embeddings [B, {self.dim}] "
                             f"(loss.embed_dim); got {tuple(indices.shape)} and {tuple(embeddings.shape)}")
-        indices, embeddings = _last_occurrence(indices.long(), embeddings)
+        indices, embeddings = _last_occurrence(indices.long(), embeddings, self.num_items)
         m = self.momentum if momentum is None else momentum
         old = self.weight.index_select(0, indices)
         new = old.mul_(m).add_(embeddings.to(self.weight.dtype), alpha=1.0 - m)
@@ -85,11 +85,22 @@ class MemoryBank(nn.Module):
         return f"num_items={self.num_items}, dim={self.dim}, momentum={self.momentum}"
 
 
-def _last_occurrence(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """Keep, for every distinct index, only its last ``(index, value)`` pair."""
+def _last_occurrence(indices: Tensor, values: Tensor, num_items: int,
+                     sync_free: bool | None = None) -> tuple[Tensor, Tensor]:
+    """Make the update of repeated indices deterministic: the last ``(index, value)`` pair wins.
+
+    On the CPU the duplicates are dropped. On a GPU that would need a host sync (the number of distinct
+    indices), so instead every occurrence gets the last occurrence's value: ``index_copy_`` then writes
+    the same row whichever occurrence lands.
+    """
+    position = torch.arange(indices.numel(), device=indices.device)
+    if sync_free is None:
+        sync_free = indices.device.type != "cpu"
+    if sync_free:
+        last = torch.full((num_items,), -1, device=indices.device).scatter_reduce_(0, indices, position, "amax")
+        return indices, values[last[indices]]
     unique, inverse = torch.unique(indices, return_inverse=True)
     if unique.numel() == indices.numel():
         return indices, values
-    position = torch.arange(indices.numel(), device=indices.device)
     last = torch.full_like(unique, -1).scatter_reduce_(0, inverse, position, reduce="amax")
     return indices[last], values[last]

@@ -81,6 +81,7 @@ class NCEObjective(nn.Module):
         self.bank_teacher = MemoryBank(num_items, dim, momentum, generator)
         self.register_buffer("z_student", torch.tensor(float("nan")), persistent=True)
         self.register_buffer("z_teacher", torch.tensor(float("nan")), persistent=True)
+        self._z_known = False  # host-side copy of "both Z are set", so steps on a GPU need no sync for it
 
     def forward(self, g_s: Tensor, g_t: Tensor, indices: Tensor, negatives: Tensor) -> NCEOutput:
         indices, negatives, z_missing = self._check_inputs(g_s, g_t, indices, negatives)
@@ -89,29 +90,40 @@ class NCEObjective(nn.Module):
         if negatives.dim() == 2:  # one column plan serves both sides: they score the same (row, column) pairs
             columns = torch.cat([indices[:, None], negatives], dim=1)
             chunks = _ColumnChunks(columns, self.num_items, max(1, self.chunk_size // columns.shape[0]))
+        guards: tuple[_PreUpdateRows, ...] = ()
         with torch.autocast(device_type=g_s.device.type, enabled=False):
             g_s, g_t = g_s.float(), g_t.float()
             # teacher-anchored: g_t against the student bank; student-anchored: g_s against the teacher bank
-            s_t, guard_s = self._scores(self.bank_student, g_t, indices, negatives, chunks, update)
-            s_s, guard_t = self._scores(self.bank_teacher, g_s, indices, negatives, chunks, update)
-            z_s = self._normaliser("z_student", s_t, z_missing[0])
-            z_t = self._normaliser("z_teacher", s_s, z_missing[1])
-            teacher_anchored = self._side_loss(s_t, z_s)
-            student_anchored = self._side_loss(s_s, z_t)
+            if chunks is None:
+                teacher_anchored = self._shared_side_loss(self.bank_student, g_t, indices, negatives, "z_student",
+                                                          z_missing[0])
+                student_anchored = self._shared_side_loss(self.bank_teacher, g_s, indices, negatives, "z_teacher",
+                                                          z_missing[1])
+            else:
+                s_t, guard_s = self._scores(self.bank_student, g_t, chunks, indices if update else None)
+                s_s, guard_t = self._scores(self.bank_teacher, g_s, chunks, indices if update else None)
+                guards = (guard_s, guard_t)
+                teacher_anchored = self._side_loss(s_t, self._normaliser("z_student", s_t, z_missing[0]))
+                student_anchored = self._side_loss(s_s, self._normaliser("z_teacher", s_s, z_missing[1]))
         if update:
             self.bank_student.update(indices, g_s.detach())
             self.bank_teacher.update(indices, g_t.detach())
-            for guard in (guard_s, guard_t):
-                if guard is not None:
-                    guard.bank_updated()
+            for guard in guards:
+                guard.bank_updated()
         return NCEOutput(teacher_anchored + student_anchored, teacher_anchored, student_anchored)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._z_known = False
 
     def _check_inputs(self, g_s: Tensor, g_t: Tensor, indices: Tensor,
                       negatives: Tensor) -> tuple[Tensor, Tensor, tuple[bool, bool]]:
         """Raise :class:`CKTFError` on bad shapes or indices; return the indices as int64 on the banks'
         device and which ``Z`` are still unset.
 
-        The range and ``Z`` checks read device values, so they share one host sync.
+        The range and ``Z`` checks read device values, so they share one host sync. Off the CPU that sync
+        stalls the GPU once per objective, so it stops once both ``Z`` are known in training (the indices
+        come from the dataset and the sampler, which are checked the first times).
         """
         if g_s.dim() != 2 or g_t.dim() != 2:
             raise CKTFError(f"NCE embeddings must be [B, d]; got student {tuple(g_s.shape)}, teacher "
@@ -135,6 +147,8 @@ class NCEObjective(nn.Module):
         if not 1 <= k < self.num_items:
             raise CKTFError(f"sampler.num_negatives (K={k}) must be at least 1 and smaller than the number of "
                             f"unlabeled items (N={self.num_items})")
+        if self._z_known and device.type != "cpu":
+            return indices, negatives, (False, False)  # checked on the first steps; no per-step device sync
         lo, hi, nan_s, nan_t = torch.stack([
             torch.minimum(indices.min(), negatives.min()), torch.maximum(indices.max(), negatives.max()),
             self.z_student.isnan().long(), self.z_teacher.isnan().long(),
@@ -142,18 +156,40 @@ class NCEObjective(nn.Module):
         if lo < 0 or hi >= self.num_items:
             raise CKTFError(f"NCE indices and negatives must lie in [0, N) with N={self.num_items} unlabeled items; "
                             f"got values from {lo} to {hi}")
+        self._z_known = self.training and not (nan_s or nan_t)
         return indices, negatives, (bool(nan_s), bool(nan_t))
 
-    def _scores(self, bank: MemoryBank, g: Tensor, indices: Tensor, negatives: Tensor, chunks: _ColumnChunks | None,
-                update: bool) -> tuple[Tensor, _PreUpdateRows | None]:
-        """``[B, K+1]`` scores of ``g`` against ``bank`` (positive in column 0) and the backward's guard."""
+    def _scores(self, bank: MemoryBank, g: Tensor, chunks: _ColumnChunks,
+                rewritten: Tensor | None) -> tuple[Tensor, _PreUpdateRows]:
+        """Per-anchor ``[B, K+1]`` scores of ``g`` against ``bank`` (positive in column 0) and the backward's
+        guard; ``rewritten``: the rows this step's bank update will overwrite before backward runs."""
         weight = bank.weight.float()
-        if chunks is None:
-            # Shared negatives: the K rows are gathered once (a copy), so autograd never sees the bank itself.
-            positive = (g * weight[indices]).sum(dim=1, keepdim=True)
-            return torch.cat([positive, g @ weight[negatives].T], dim=1), None
-        guard = _PreUpdateRows(weight, indices if update and g.requires_grad and torch.is_grad_enabled() else None)
+        keep = rewritten if g.requires_grad and torch.is_grad_enabled() else None
+        guard = _PreUpdateRows(weight, keep)
         return _BankScores.apply(g, weight, chunks, guard), guard
+
+    def _shared_side_loss(self, bank: MemoryBank, g: Tensor, indices: Tensor, negatives: Tensor, z_name: str,
+                          z_missing: bool) -> Tensor:
+        """One side's loss with the batch's ``[K]`` shared negatives: one GEMM forward, one backward.
+
+        The K bank rows are copied once (so the in-place bank update cannot reach the backward), and the
+        ``[B, K]`` block goes through :class:`_SharedNegativeSoftplus`, which needs three elementwise passes
+        over it instead of the ~15 that autograd through ``cat``/``div``/``sub``/``softplus`` takes.
+        """
+        weight = bank.weight.float()
+        rows = weight.index_select(0, negatives)
+        positive = (g * weight.index_select(0, indices)).sum(dim=1)
+        if z_missing:
+            with torch.no_grad():
+                scores = torch.cat([positive[:, None], g @ rows.T], dim=1)
+            z = self._normaliser(z_name, scores, True)
+        else:
+            z = getattr(self, z_name)
+        shift = torch.log(z) + math.log(negatives.shape[0] / self.num_items)  # log Z + log c
+        inv_tau = 1.0 / self.temperature
+        loss_positive = F.softplus(shift - positive * inv_tau).sum()
+        loss_negative = _SharedNegativeSoftplus.apply(g, rows, inv_tau, shift.detach())
+        return (loss_positive + loss_negative) / g.shape[0]
 
     def _normaliser(self, name: str, scores: Tensor, missing: bool) -> Tensor:
         """The frozen ``Z`` buffer; estimated and stored on the first training call."""
@@ -313,3 +349,27 @@ class _BankScores(torch.autograd.Function):
                 if lo < hi:
                     grad_g.addmm_(dense.index_select(1, rows[lo:hi] - start), delta[lo:hi])
         return grad_g, None, None, None
+
+
+class _SharedNegativeSoftplus(torch.autograd.Function):
+    """``Σ_ik softplus(<g_i, rows_k>/τ - shift)``: the negatives' part of one side with shared negatives.
+
+    Forward is one ``addmm`` (scale and shift folded into the GEMM) and one softplus-and-sum; backward is
+    ``sigmoid`` of the saved logits and one GEMM, ``grad_g = (σ(u) @ rows) / τ``. ``rows`` is a copy of
+    the bank's rows and gets no gradient, nor does ``shift`` (``Z`` is frozen).
+    """
+
+    @staticmethod
+    def forward(ctx, g: Tensor, rows: Tensor, inv_tau: float, shift: Tensor) -> Tensor:
+        logits = torch.addmm(shift.neg().reshape(1, 1), g, rows.T, alpha=inv_tau)
+        ctx.save_for_backward(rows, logits)
+        ctx.inv_tau = inv_tau
+        return F.softplus(logits).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        rows, logits = ctx.saved_tensors
+        grad_g = torch.sigmoid(logits) @ rows
+        return grad_g.mul_(grad * ctx.inv_tau), None, None, None
