@@ -7,6 +7,7 @@ number is never separated from how and where it was made.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -14,9 +15,10 @@ import re
 import shlex
 import socket
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +129,117 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _numeric(cell: str) -> bool:
     return cell == "-" or bool(re.fullmatch(r"[-+]?[\d.,]+(e[-+]?\d+)?x?", cell))
+
+
+# ------------------------------------------------------------------------ helpers for end-to-end benchmarks
+
+
+def spawn_worker(script: str | Path, spec: dict[str, Any], cwd: str | Path | None = None) -> dict[str, Any]:
+    """Run ``script --worker JSON(spec)`` in a fresh interpreter; its last stdout line is read as JSON.
+
+    A fresh process per configuration keeps one configuration's memory (allocator caches, large banks)
+    and thread pools from leaking into the next. A crash is returned as ``{"error": ...}``.
+    """
+    proc = subprocess.run([sys.executable, str(script), "--worker", json.dumps(spec)], capture_output=True,
+                          text=True, check=False, cwd=cwd)
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        return {"error": f"worker exited with {proc.returncode}: {tail}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident set size so far (``VmHWM``) in MiB; None where ``/proc`` is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class TimedBatches:
+    """An iterable over the first ``limit`` batches of ``source`` that times the loop consuming them.
+
+    For batch ``i`` it records ``fetch_s[i]`` (getting the batch from ``source``: loading, transforms) and
+    ``compute_s[i]`` (from handing the batch to the loop until the loop asks for the next one: the whole
+    training step, logging included). CUDA work is synchronised at both boundaries. It has ``__len__`` and
+    a ``generator`` attribute (that of ``source``, or None) so a training loop treats it as its DataLoader;
+    ``on_exhausted`` runs once after the last batch's step (e.g. to read the peak memory of the steps).
+    """
+
+    def __init__(self, source: Iterable[Any], limit: int, device: torch.device,
+                 on_exhausted: Callable[[], None] | None = None) -> None:
+        self.source = source
+        self.limit = limit
+        self.device = device
+        self.generator = getattr(source, "generator", None)
+        self.on_exhausted = on_exhausted
+        self.fetch_s: list[float] = []
+        self.compute_s: list[float] = []
+
+    def __len__(self) -> int:
+        return self.limit
+
+    def __iter__(self) -> Iterator[Any]:
+        self.fetch_s, self.compute_s = [], []
+        iterator = iter(self.source)
+        for _ in range(self.limit):
+            synchronize(self.device)
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            handed = time.perf_counter()
+            self.fetch_s.append(handed - start)
+            yield batch
+            synchronize(self.device)
+            self.compute_s.append(time.perf_counter() - handed)
+        if self.on_exhausted is not None:
+            self.on_exhausted()
+
+    def step_s(self) -> list[float]:
+        """Seconds per batch as a loop with in-process loading sees it: fetch + compute."""
+        return [f + c for f, c in zip(self.fetch_s, self.compute_s, strict=False)]
+
+
+def config_overrides(passthrough: Sequence[str], sets: Sequence[str]) -> list[str]:
+    """``--section.key VALUE`` overrides from pass-through arguments and ``--set section.key=VALUE`` options."""
+    overrides = list(passthrough)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set {item!r}: expected section.key=VALUE, e.g. --set train.precision=bf16")
+        overrides += [f"--{key.removeprefix('--')}", value]
+    return overrides
+
+
+PERFORMANCE_OPTIONS = ("precision", "channels_last", "compile")
+
+
+def performance_options(train_config: Any) -> dict[str, Any]:
+    """The speed-related ``train.*`` options this version of the config schema has, with their values.
+
+    Options that the schema does not (yet) have are reported as ``"absent"``, so a result says exactly
+    which switches existed when it was measured.
+    """
+    return {name: getattr(train_config, name, "absent") for name in PERFORMANCE_OPTIONS}
+
+
+@contextlib.contextmanager
+def patched(owner: Any, name: str, wrap: Callable[[Any], Any]) -> Iterator[Any]:
+    """Replace ``owner.name`` by ``wrap(original)`` while the block runs, then restore it; yields the original.
+
+    How the end-to-end benchmarks instrument the real code path (time a call, hand a loop a timed loader)
+    without copying it. A missing attribute raises ``AttributeError`` at once: after a refactor the
+    benchmark fails loudly instead of timing nothing.
+    """
+    original = getattr(owner, name)
+    setattr(owner, name, wrap(original))
+    try:
+        yield original
+    finally:
+        setattr(owner, name, original)

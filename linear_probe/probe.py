@@ -45,6 +45,9 @@ class ProbeTask(Task):
         self.backbone.eval()
         return self
 
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.backbone] if any(True for _ in self.backbone.parameters()) else []
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             features = self.backbone(images)

@@ -25,12 +25,13 @@ from transfer.data import build_dataset
 from transfer.data.indexed import IndexedSubset, holdout_split
 from transfer.data.transforms import build_transform
 from transfer.engine.checkpoint import read_metadata
+from transfer.engine.performance import check_runtime, prepare_network
 from transfer.engine.rundir import write_json
 from transfer.engine.runtime import resolve_device, seed_everything, set_threads
 from transfer.errors import CKTFError
 from transfer.models import build_model
 from transfer.models.checkpoints import load_network
-from transfer.stages.common import extract_features, make_loader, open_run
+from transfer.stages.common import extract_features, make_loader, open_run, train_pipeline
 
 TAGS = {"test/acc": "probe/test_acc", "train/loss_epoch": "probe/train_loss", "val/acc": "probe/val_acc"}
 
@@ -93,6 +94,7 @@ def run_probe(cfg: ProbeConfig, student: str | None, *, resume: bool = False, ov
     """Probe the backbone described by ``cfg``/``student``; returns the metrics written to metrics.json."""
     set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
+    check_runtime(device, cfg.train)
     d = cfg.data
     eval_tf = build_transform(d.name, train=False, image_size=d.image_size)
     train_eval = _labeled(build_dataset(d.name, d.train_split, d.root, eval_tf, **d.options), d.train_split, d.name)
@@ -103,7 +105,7 @@ def run_probe(cfg: ProbeConfig, student: str | None, *, resume: bool = False, ov
     if backbone.in_channels is not None and backbone.in_channels != train_eval.in_channels:
         raise CKTFError(f"{backbone.source} takes {backbone.in_channels}-channel images but {d.name} has "
                         f"{train_eval.in_channels}")
-    module = backbone.module.to(device)
+    module = prepare_network(backbone.module, device, channels_last=cfg.train.channels_last)
 
     keep = list(range(len(train_eval)))
     held: list[int] = []
@@ -120,6 +122,7 @@ def run_probe(cfg: ProbeConfig, student: str | None, *, resume: bool = False, ov
     seed_everything(cfg.train.seed)
     probe = LinearProbe(feats.shape[1], train_eval.num_classes, train_feats.mean(0), train_feats.std(0))
 
+    augment = None
     if cfg.probe.mode == "cached":
         task = ProbeTask(nn.Identity(), probe)
         train_set = FeatureDataset(train_feats, train_labels)
@@ -130,7 +133,7 @@ def run_probe(cfg: ProbeConfig, student: str | None, *, resume: bool = False, ov
             evals["val"] = FeatureDataset(*extract_features(module, val_eval, batch, device, workers))
     else:
         task = ProbeTask(module, probe)
-        train_tf = build_transform(d.name, train=True, image_size=d.image_size)
+        train_tf, augment = train_pipeline(d)
         train_set = build_dataset(d.name, d.train_split, d.root, train_tf, **d.options)
         evals = {"test": test}
         if held:
@@ -145,10 +148,11 @@ def run_probe(cfg: ProbeConfig, student: str | None, *, resume: bool = False, ov
     out, logger = engine.run, engine.logger
     cpu_or_pin = device if cfg.probe.mode == "augment" else torch.device("cpu")
     loader = make_loader(train_set, cfg.train.batch_size, train=True,
-                         num_workers=workers if cfg.probe.mode == "augment" else 0, device=cpu_or_pin)
+                         num_workers=workers if cfg.probe.mode == "augment" else 0, device=cpu_or_pin,
+                         random_items=cfg.probe.mode == "augment" and augment is None)
     eval_loaders = {name: make_loader(ds, batch, train=False, num_workers=0, device=cpu_or_pin)
                     for name, ds in evals.items()}
-    result = engine.fit(loader, eval_loaders, select="val/acc" if "val" in evals else None)
+    result = engine.fit(loader, eval_loaders, select="val/acc" if "val" in evals else None, augment=augment)
 
     knn = None
     if cfg.probe.knn_k > 0:

@@ -1,5 +1,5 @@
-"""Smoke tests of benchmarks/nce.py and benchmarks/sampler.py: each runs end to end at tiny sizes, as a user
-would start it, and writes a JSON file with one sensible row per measured case."""
+"""Smoke tests of the benchmark scripts (nce.py, sampler.py, transfer_step.py, probe.py): each runs end to end
+at tiny sizes, as a user would start it, and writes a JSON file with one sensible row per measured case."""
 
 from __future__ import annotations
 
@@ -9,16 +9,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import save_file
+
+from tests.data_fixtures import write_fashion_idx
+from transfer.engine.checkpoint import save_checkpoint
+from transfer.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_benchmark(script: str, out: Path, *args: str) -> dict[str, Any]:
+def run_benchmark(script: str, out: Path, *args: str, timeout: float = 120) -> dict[str, Any]:
     """Run ``benchmarks/<script>`` from the repository root on one thread; its JSON result."""
     proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args, "--threads", "1", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "command:" in proc.stdout and "machine:" in proc.stdout
     return json.loads(out.read_text())
@@ -59,3 +64,92 @@ def test_sampler_benchmark_reads_features(tmp_path):
                            "--skip-flat", "--parts", "tables")
     assert result["features"] == str(features) and "draws" not in result
     assert [(t["index"], t["items"], t["dim"]) for t in result["tables"]] == [("ivf", 300, 8)]
+
+
+def test_sampler_benchmark_teacher_features(tmp_path):
+    """--features teacher:CHECKPOINT embeds the config's unlabeled pool through the transfer stage's path."""
+    write_fashion_idx(tmp_path / "fashion", n_train=200, n_test=20)
+    teacher = tmp_path / "teacher.safetensors"
+    model = build_model("resnet8", in_channels=1, num_classes=5)
+    save_checkpoint(teacher, {"task": {f"model.{k}": v for k, v in model.state_dict().items()}},
+                    {"kind": "teacher", "model": "resnet8", "in_channels": "1", "num_classes": "5"})
+    result = run_benchmark("sampler.py", tmp_path / "sampler.json", "--features", f"teacher:{teacher}",
+                           "--config", "configs/fashion_split/crd.yaml", "--set", f"data.root={tmp_path / 'fashion'}",
+                           "--k", "4", "--nlist", "4", "--nprobe", "1,4", "--parts", "tables")
+    pool = 100  # the 5 target classes of 200 balanced train images
+    assert result["features_shape"] == [pool, 64] and result["teacher"] == str(teacher)  # resnet8: 64-d
+    assert result["embed_s"] > 0 and "draws" not in result
+    tables = result["tables"]
+    assert [(t["index"], t["nprobe"], t["items"]) for t in tables] == [("flat", None, pool), ("ivf", 1, pool),
+                                                                         ("ivf", 4, pool)]
+    assert tables[0]["recall"] > 0.99 and tables[2]["recall"] > 0.99  # nprobe = nlist scans everything
+    assert 0 <= tables[1]["recall"] <= 1
+
+
+def test_sampler_benchmark_scaling_tiny(tmp_path):
+    result = run_benchmark("sampler.py", tmp_path / "sampler.json", "--parts", "scaling", "--scaling-items",
+                           "500,1000", "--scaling-estimate", "4000", "--scaling-flat-max", "500", "--dim", "8",
+                           "--k", "4", "--batch", "4", "--negatives", "16", "--scaling-repeats", "2",
+                           "--objectives", "6", "--recall-rows", "50")
+    scaling = result["scaling"]
+    rows = {row["items"]: row for row in scaling["rows"]}
+    assert sorted(rows) == [500, 1000, 4000] and "tables" not in result
+    for items, row in rows.items():
+        assert row["banks_fp32_gib"] == pytest.approx(2 * 6 * items * 128 * 4 / 2**30)
+        assert row["banks_fp16_gib"] == pytest.approx(row["banks_fp32_gib"] / 2)
+        for key in ("gemm_fwd_s", "gemm_bwd_s", "gemm_step_s", "nce_step_s", "ivf_s", "flat_s"):
+            assert row[key] > 0, key
+    assert rows[500]["estimated"] == [] and rows[500]["flat_recall"] > 0.99
+    assert rows[1000]["estimated"] == ["flat_s"] and 0 <= rows[1000]["ivf_recall"] <= 1
+    assert set(rows[4000]["estimated"]) == {"gemm_fwd_s", "gemm_bwd_s", "gemm_step_s", "nce_objective_s", "nce_step_s",
+                                            "ivf_s", "flat_s"}
+    # flat was measured at one size only: extrapolated with the model exponent 2
+    assert scaling["exponents"]["flat_s"] == {"exponent": 2.0, "source": "model"}
+    assert rows[1000]["flat_s"] == pytest.approx(4 * rows[500]["flat_s"])
+    assert scaling["exponents"]["ivf_s"]["source"] == "measured slope"
+
+
+def test_transfer_step_benchmark_tiny(tmp_path):
+    result = run_benchmark("transfer_step.py", tmp_path / "transfer_step.json", "--settings", "fashion",
+                           "--methods", "kd,cktf", "--items", "256", "--batch", "8", "--negatives", "32",
+                           "--steps", "2", "--warmup", "1", "--breakdown-steps", "1", "--teacher", "random",
+                           "--train.lr", "0.01", timeout=300)
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == ["kd", "cktf per-anchor", "cktf shared"]
+    assert result["config_overrides"] == ["--train.lr", "0.01"]
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert (row["setting"], row["batch"], row["items"], row["stored_shape"]) == ("fashion", 8, 256, [1, 28, 28])
+        assert len(row["load_s"]) == 2 and row["batched_augment"] == (row["data_config"]["augment"] == "batched")
+        assert len(row["times_s"]) == 2 and len(row["warmup_times_s"]) == 1 and row["median_s"] > 0
+        assert row["images_per_s"] == pytest.approx(8 / row["median_s"])
+        assert all(len(values) == 1 and values[0] > 0 for values in row["phases_s"].values())
+        assert row["train_config"]["lr"] == 0.01 and row["train_config"]["threads"] == 1
+        assert row["performance_options"]["precision"] == "fp32"
+        assert row["teacher"].startswith("random resnet14")
+    kd, per_anchor, shared = rows
+    assert kd["objectives"] == 0 and kd["num_negatives"] is None and "overhead_vs_kd_pct" in kd
+    assert per_anchor["objectives"] == shared["objectives"] == 5  # stem + 3 stages + penultimate (resnet8)
+    assert (per_anchor["negatives"], shared["negatives"]) == ("per-anchor", "shared")
+    assert per_anchor["num_negatives"] == 32 and per_anchor["overhead_vs_kd_pct"] is not None
+
+
+def test_probe_benchmark_tiny(tmp_path):
+    result = run_benchmark("probe.py", tmp_path / "probe.json", "--train-items", "40", "--test-items", "24",
+                           "--epochs", "2", "--augment-warmup", "1", "--augment-batches", "2", "--eval-batches", "1",
+                           "--data.image_size", "32", "--train.batch_size", "8", timeout=300)
+    cached, augment = result["rows"]
+    assert (cached["mode"], cached["estimated"], augment["mode"], augment["estimated"]) == (
+        "cached", False, "augment", True)
+    assert result["config_overrides"] == ["--data.image_size", "32", "--train.batch_size", "8"]
+    assert (cached["train_items"], cached["test_items"], cached["epochs"]) == (40, 24, 2)
+    assert [(e["split"], e["reused"]) for e in cached["extracts"]] == [("train", False), ("test", False)]
+    assert cached["extract_s"] > 0 and 0 < cached["train_s"] <= cached["probe_s"] < cached["total_s"]
+    assert cached["per_epoch_s"] == pytest.approx(cached["probe_s"] / 2)
+    assert 0 <= cached["final_acc"] <= 1 and cached["probe_config"]["train"]["batch_size"] == 8
+    # augment: run_probe got the cached run's features back and ran 1 + 2 training and 1 test batch
+    assert [(e["split"], e["reused"]) for e in augment["extracts"]] == [("train", True), ("test", True)]
+    assert len(augment["timed_train_batches"]) == 2 and len(augment["timed_test_batches"]) == 1
+    assert (augment["train_batches_per_epoch"], augment["test_batches_per_epoch"]) == (5, 1)  # 40 // 8, ceil(24/256)
+    assert augment["per_epoch_s"] == pytest.approx(5 * augment["train_batch_s"] + augment["test_batch_s"])
+    assert augment["probe_s"] == pytest.approx(2 * augment["per_epoch_s"])

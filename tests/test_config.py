@@ -147,3 +147,13 @@ def test_overrides_for_keeps_only_the_schemas_sections():
 def test_error_for_a_command_line_section_names_the_command_line(tmp_path):
     msg = error_of(lambda: load_config(write(tmp_path, BASE), TeacherConfig, ["--sampler.k", "3"]))
     assert "'sampler'" in msg and "command line" in msg and "c.yaml" not in msg
+
+
+@pytest.mark.parametrize("kind,shared", [("uniform", True), ("debiased", False), ("hard", False)])
+def test_sampler_shared_defaults_to_shared_for_uniform_only(tmp_path, kind, shared):
+    from transfer.config import TransferConfig
+
+    crd = Path(__file__).resolve().parents[1] / "configs" / "fashion_split" / "crd.yaml"
+    cfg = load_config(crd, TransferConfig, ["--sampler.shared", "null", "--sampler.kind", kind])
+    assert cfg.sampler.shared is shared
+    assert yaml.safe_load(dump_config(cfg))["sampler"]["shared"] is shared  # the saved config says which

@@ -102,8 +102,7 @@ def test_backbone_batchnorm_is_bit_identical_during_augment_probe(student, monke
 def test_cached_and_augment_agree_without_augmentation(student, monkeypatch):
     from linear_probe import stage
 
-    real = stage.build_transform
-    monkeypatch.setattr(stage, "build_transform", lambda name, train, image_size=None: real(name, False, image_size))
+    monkeypatch.setattr(stage, "train_pipeline", lambda d: (stage.build_transform(d.name, False, d.image_size), None))
     accs = {}
     for mode in ("cached", "augment"):
         assert invoke(*probe_args(student, "--probe.mode", mode))[0] == 0
@@ -115,8 +114,7 @@ def test_cached_and_augment_are_identical_on_pixels(student, monkeypatch, tmp_pa
     """Pixel features are exact in both modes, so the two training runs (same order, same features) coincide."""
     from linear_probe import stage
 
-    real = stage.build_transform
-    monkeypatch.setattr(stage, "build_transform", lambda name, train, image_size=None: real(name, False, image_size))
+    monkeypatch.setattr(stage, "train_pipeline", lambda d: (stage.build_transform(d.name, False, d.image_size), None))
     curves = {}
     for mode in ("cached", "augment"):
         args = probe_args(student, "--probe.mode", mode, "--probe.backbone", "pixels", "--probe.out",

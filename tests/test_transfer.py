@@ -175,5 +175,5 @@ def test_fill_banks_writes_each_items_initial_embedding():
 
 
 def test_shared_negatives_need_the_uniform_sampler(setup):
-    code, out = invoke(*transfer_args(setup, "crd", "sh", "--sampler.kind", "hard"))
+    code, out = invoke(*transfer_args(setup, "crd", "sh", "--sampler.kind", "hard", "--sampler.shared", "true"))
     one_line_error(code, out, "sampler.shared")

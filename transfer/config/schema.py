@@ -27,6 +27,10 @@ class DataConfig:
                                     "(never used for model selection)")
     image_size: int | None = option(None, help="input resolution (null: the dataset's default)", min=8)
     num_workers: int = option(0, help="DataLoader worker processes (0: load in the main process)", min=0)
+    augment: Literal["batched", "per_image"] = option(
+        "batched", help="where training augmentation runs: batched (datasets yield uint8 images; crop, flip and "
+        "normalisation run on each whole batch on the training device) or per_image (torchvision transforms in "
+        "the loader)")
     options: dict[str, Any] = option(default_factory=dict, help="dataset-specific options, e.g. "
                                      "--data.options.labels_per_class 20")
 
@@ -61,10 +65,16 @@ class TrainConfig:
     device: str = option("auto", help="auto, cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16", "fp16"] = option("fp32", help="autocast precision of the networks "
                                                         "(fp16 uses a gradient scaler; CUDA only)")
+    channels_last: bool = option(True, help="store the networks' convolution weights channels-last (NHWC), the "
+                                 "faster layout for CPU (oneDNN) and GPU convolutions; same results up to rounding")
+    compile: bool = option(False, help="torch.compile the networks' forward passes (opt-in: tens of seconds of "
+                           "compilation per run; needs a C++ compiler on CPU, triton on CUDA)")
 
     def validate(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise CKTFError(f"config key 'train.device': expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise CKTFError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
 
 
 @dataclass
@@ -132,8 +142,9 @@ class SamplerConfig:
     kind: Literal["uniform", "debiased", "hard"] = option("uniform", help="uniform (CRD), debiased (exclude the "
                                                           "anchor's teacher-space neighbours) or hard")
     num_negatives: int = option(16384, help="K: negatives per anchor", min=1)
-    shared: bool = option(False, help="uniform only: one set of K negatives shared by the batch (one GEMM per "
-                          "objective instead of a GEMM against the whole bank; MoCo-style)")
+    shared: bool | None = option(None, help="one set of K negatives shared by the batch (MoCo-style; one GEMM per "
+                                 "objective, 3-4x faster, same probe accuracy on fashion_split) instead of K per "
+                                 "anchor (CRD/paper); null: shared for uniform, per anchor for debiased/hard")
     k: int = option(32, help="neighbours per item in the faiss table (debiased/hard exclude the first k)", min=1)
     hard_fraction: float = option(0.1, help="hard: fraction of K taken from the neighbours ranked just after k",
                                   min=0.0, max=1.0)
@@ -143,6 +154,8 @@ class SamplerConfig:
     cache_dir: str = option("data_cache/neighbours", help="where neighbour tables are cached")
 
     def validate(self) -> None:
+        if self.shared is None:
+            self.shared = self.kind == "uniform"
         if self.shared and self.kind != "uniform":
             raise CKTFError(f"sampler.shared true needs sampler.kind uniform ({self.kind} negatives depend on "
                             "each anchor); set --sampler.shared false")

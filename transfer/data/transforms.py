@@ -24,8 +24,8 @@ FASHION_DATASETS: tuple[str, ...] = ("fashion_mnist", "fashion_split")
 DEFAULT_IMAGE_SIZE = {**dict.fromkeys(NATURAL_DATASETS, 64), **dict.fromkeys(FASHION_DATASETS, 28)}
 
 
-def build_transform(dataset: str, train: bool, image_size: int | None = None) -> v2.Compose:
-    """The train (augmenting) or eval (deterministic) pipeline of ``dataset``; outputs float32 ``C×S×S``."""
+def resolve_image_size(dataset: str, image_size: int | None = None) -> int:
+    """The side length the pipelines of ``dataset`` produce (``image_size``, or the dataset's default)."""
     if dataset not in DEFAULT_IMAGE_SIZE:
         raise CKTFError(
             f"no transform for dataset {dataset!r}; expected one of {', '.join(DEFAULT_IMAGE_SIZE)}"
@@ -33,7 +33,12 @@ def build_transform(dataset: str, train: bool, image_size: int | None = None) ->
     size = DEFAULT_IMAGE_SIZE[dataset] if image_size is None else image_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise CKTFError(f"image size {image_size!r} is invalid; expected a positive integer")
+    return size
 
+
+def build_transform(dataset: str, train: bool, image_size: int | None = None) -> v2.Compose:
+    """The train (augmenting) or eval (deterministic) pipeline of ``dataset``; outputs float32 ``C×S×S``."""
+    size = resolve_image_size(dataset, image_size)
     if dataset in NATURAL_DATASETS:
         if train:
             steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
@@ -46,3 +51,21 @@ def build_transform(dataset: str, train: bool, image_size: int | None = None) ->
             steps += [v2.RandomCrop(size, padding=2), v2.RandomHorizontalFlip()]
         mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def build_decode_transform(dataset: str, image_size: int | None = None) -> v2.Compose | None:
+    """The per-image part of batched augmentation: uint8 images of one size, so they collate into a batch.
+
+    Deterministic and without float conversion (a quarter of the bytes through workers and collation);
+    the random crop, flip and normalisation run on the whole batch (:mod:`transfer.data.batch_augment`).
+    ``None`` (images pass unchanged) where a dataset's images all share one size: STL-10, Tiny-ImageNet
+    and Fashion-MNIST at 28 px. Fashion-MNIST at another ``image_size`` is resized first, as in
+    :func:`build_transform`; image folders, whose images may differ in size, are resized (shorter side
+    to S, antialiased) and centre-cropped to S×S, so batched crops see only that central square.
+    """
+    size = resolve_image_size(dataset, image_size)
+    if dataset == "image_folder":
+        return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    if dataset in NATURAL_DATASETS or size == 28:
+        return None
+    return v2.Compose([v2.Resize(size, antialias=True)])

@@ -26,12 +26,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_precision(device: torch.device, precision: str) -> None:
+    """Refuse a ``train.precision`` the device cannot run, before a stage touches its run directory.
+
+    fp16 is CUDA-only by design: its gradient scaler guards fp16's narrow range, and on CPU bf16 is both the
+    natively supported half type and safe without a scaler.
+    """
+    if precision == "fp16" and device.type != "cuda":
+        raise CKTFError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CKTFError(f"train.precision bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+                        "use fp16 or fp32")
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast for the networks; ``fp32`` is a no-op. Losses that need fp32 disable it locally."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise CKTFError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    check_precision(device, precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 

@@ -35,6 +35,14 @@ class Task(nn.Module):
     def training_step(self, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> StepOutput:
         raise NotImplementedError
 
+    def compile_targets(self) -> list[nn.Module]:
+        """Networks whose forward ``train.compile`` compiles (default: none).
+
+        Only the networks: they are the fixed-shape bulk of a step, while the loss code (memory-bank writes,
+        host syncs, custom autograd functions) would break a compiled graph into pieces for no gain.
+        """
+        return []
+
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores of this task (default: the whole ``state_dict``)."""
         return self.state_dict()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +21,16 @@ from torch.utils.data import DataLoader
 from transfer.config import TrainConfig
 from transfer.engine.checkpoint import Checkpoint, save_checkpoint
 from transfer.engine.logger import RunLogger
+from transfer.engine.performance import compile_module, match_state_layouts, prepare_network
 from transfer.engine.rundir import RunDir
-from transfer.engine.runtime import autocast, derive_seed, rng_state, seed_everything, set_rng_state
+from transfer.engine.runtime import (
+    autocast,
+    check_precision,
+    derive_seed,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from transfer.engine.schedule import apply_lr, build_optimizer
 from transfer.engine.task import Task
 from transfer.errors import CKTFError
@@ -47,7 +55,11 @@ class Engine:
 
     def __init__(self, task: Task, cfg: TrainConfig, run: RunDir, logger: RunLogger, device: torch.device,
                  metadata: Mapping[str, Any], log_every: int = 20) -> None:
-        self.task = task.to(device)
+        check_precision(device, cfg.precision)
+        self.task = prepare_network(task, device, channels_last=cfg.channels_last)
+        if cfg.compile:
+            for network in self.task.compile_targets():
+                compile_module(network, device)
         self.log_every = log_every
         self.cfg = cfg
         self.run = run
@@ -84,6 +96,7 @@ class Engine:
         try:
             self.task.load_checkpoint_state(state["task"])
             self.optimizer.load_state_dict(state["optimizer"])
+            match_state_layouts(self.optimizer)
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError) as err:
@@ -106,8 +119,13 @@ class Engine:
 
     # -- loop ------------------------------------------------------------------------------------------------
     def fit(self, train_loader: DataLoader, eval_loaders: Mapping[str, DataLoader] | None = None,
-            select: str | None = None) -> FitResult:
-        """Train; evaluate ``eval_loaders`` after every epoch; keep ``best`` by ``select`` (e.g. ``val/acc``)."""
+            select: str | None = None,
+            augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FitResult:
+        """Train; evaluate ``eval_loaders`` after every epoch; keep ``best`` by ``select`` (e.g. ``val/acc``).
+
+        ``augment`` maps each training batch of images, once on the device, to the network's input (the
+        batched augmentation of ``data.augment batched``); its randomness is reseeded with the epoch's.
+        """
         eval_loaders = dict(eval_loaders or {})
         if select is not None and select.split("/")[0] not in eval_loaders:
             select = None
@@ -122,7 +140,7 @@ class Engine:
                 train_loader.generator.manual_seed(seed)
             lr = apply_lr(self.cfg, self.optimizer, epoch)
             t0 = time.perf_counter()
-            train_metrics = self._train_epoch(train_loader, epoch)
+            train_metrics = self._train_epoch(train_loader, epoch, augment)
             seconds = time.perf_counter() - t0
             self.train_seconds += seconds
             images = train_metrics.pop("_images")
@@ -145,7 +163,8 @@ class Engine:
         result = FitResult(self.history, self.best_epoch, self.best_value, self.train_seconds)
         return result
 
-    def _train_epoch(self, loader: DataLoader, epoch: int) -> dict[str, float]:
+    def _train_epoch(self, loader: DataLoader, epoch: int,
+                     augment: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, float]:
         self.task.train()
         sums: dict[str, torch.Tensor] = {}
         window: dict[str, torch.Tensor] = {}
@@ -155,6 +174,8 @@ class Engine:
         bar = self.logger.bar(loader, total=len(loader), desc=f"epoch {epoch + 1}/{self.cfg.epochs}")
         for images, targets, indices in bar:
             images = images.to(self.device, non_blocking=True)
+            if augment is not None:
+                images = augment(images)
             targets = targets.to(self.device, non_blocking=True)
             indices = indices.to(self.device, non_blocking=True)
             with self.autocast():

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from transfer.config import DataConfig, config_to_dict, dump_config
 from transfer.data import build_dataset
+from transfer.data.batch_augment import BatchTransform, build_batch_transform
 from transfer.data.indexed import IndexedSubset, holdout_split
-from transfer.data.transforms import build_transform
+from transfer.data.transforms import build_decode_transform, build_transform
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.engine.logger import RunLogger
 from transfer.engine.rundir import RunDir, prepare_run_dir, write_text_atomic
@@ -23,7 +24,9 @@ from transfer.errors import CKTFError
 
 # Keys that may differ between an interrupted run and its --resume (they do not change the result).
 RESUME_MAY_CHANGE = ("train.epochs", "train.threads", "train.device", "data.root", "data.num_workers",
-                     "log.progress", "log.root", "train.eval_batch_size")
+                     "log.progress", "log.root", "train.eval_batch_size", "train.channels_last", "train.compile")
+# Keys added after runs were first written, with the value a config.yaml without them implies.
+IMPLIED_BY_OLDER_RUNS = {"data.augment": "per_image"}
 
 
 @dataclass
@@ -33,17 +36,30 @@ class SplitSet:
     train: Dataset
     val: Dataset | None
     test: Dataset | None
+    augment: BatchTransform | None = None
+
+
+def train_pipeline(cfg: DataConfig) -> tuple[Callable | None, BatchTransform | None]:
+    """``(per-item transform of the training dataset, batched augmentation for Engine.fit)``.
+
+    ``data.augment batched``: the dataset yields uint8 images and the engine augments each batch on the
+    training device; ``per_image``: torchvision transforms per item in the loader, nothing batched.
+    """
+    if cfg.augment == "batched":
+        return (build_decode_transform(cfg.name, cfg.image_size),
+                build_batch_transform(cfg.name, train=True, image_size=cfg.image_size))
+    return build_transform(cfg.name, train=True, image_size=cfg.image_size), None
 
 
 def build_splits(cfg: DataConfig, seed: int) -> SplitSet:
     """Datasets for ``cfg``: train with training augmentation, val/test with the eval transform.
 
     Without ``val_split`` a ``val_fraction`` of the train split is held out (fixed by ``seed``), so model
-    selection never looks at the test split.
+    selection never looks at the test split. With ``data.augment batched`` the training augmentation is
+    ``SplitSet.augment``, to be passed to ``Engine.fit``.
     """
-    size = cfg.image_size
-    train_tf = build_transform(cfg.name, train=True, image_size=size)
-    eval_tf = build_transform(cfg.name, train=False, image_size=size)
+    train_tf, augment = train_pipeline(cfg)
+    eval_tf = build_transform(cfg.name, train=False, image_size=cfg.image_size)
     train = build_dataset(cfg.name, cfg.train_split, cfg.root, train_tf, **cfg.options)
     val: Dataset | None = None
     if cfg.val_split is not None:
@@ -55,7 +71,7 @@ def build_splits(cfg: DataConfig, seed: int) -> SplitSet:
     test = None
     if cfg.test_split is not None:
         test = build_dataset(cfg.name, cfg.test_split, cfg.root, eval_tf, **cfg.options)
-    return SplitSet(train, val, test)
+    return SplitSet(train, val, test, augment)
 
 
 @torch.no_grad()
@@ -71,9 +87,18 @@ def extract_features(features: Callable[[torch.Tensor], torch.Tensor], dataset: 
     return torch.cat(feats), torch.cat(targets).long()
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int,
-                device: torch.device) -> DataLoader:
-    """A DataLoader with its own generator (reseeded by the engine every epoch for exact resumes)."""
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, device: torch.device,
+                random_items: bool = True) -> DataLoader:
+    """A DataLoader with its own generator (reseeded by the engine every epoch for exact resumes).
+
+    Memory is pinned only for CUDA. Workers persist across epochs, except for a training loader whose
+    items are random (``random_items``: per-image augmentation), because a persistent worker would carry
+    its RNG state into the next epoch instead of being reseeded from ``(seed, epoch)``, and a resumed run
+    would then differ. Items are small (uint8 with batched augmentation), so workers prefetch 4 batches.
+    """
+    workers: dict[str, Any] = {}
+    if num_workers > 0:
+        workers = {"persistent_workers": not (train and random_items), "prefetch_factor": 4}
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -82,13 +107,14 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator() if train else None,
+        **workers,
     )
 
 
 def write_run_config(run: RunDir, cfg: Any, *, resume: bool) -> None:
     """Save the resolved config; on resume, refuse a config that would change the run's result."""
     if resume and run.config.is_file():
-        saved = _flatten(yaml.safe_load(run.config.read_text()) or {})
+        saved = {**IMPLIED_BY_OLDER_RUNS, **_flatten(yaml.safe_load(run.config.read_text()) or {})}
         now = _flatten(config_to_dict(cfg))
         for key in sorted(set(saved) | set(now)):
             if key in RESUME_MAY_CHANGE:

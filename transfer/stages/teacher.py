@@ -10,6 +10,7 @@ import json
 import time
 
 from transfer.config import TeacherConfig
+from transfer.engine.performance import check_runtime
 from transfer.engine.rundir import write_json
 from transfer.engine.runtime import resolve_device, seed_everything, set_threads
 from transfer.engine.trainer import FitResult
@@ -22,6 +23,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, overwrite: bool =
     """Train the teacher described by ``cfg`` into ``<log.root>/<log.name>``."""
     set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
+    check_runtime(device, cfg.train)
     splits = build_splits(cfg.data, cfg.train.seed)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model.name, in_channels=splits.train.in_channels, num_classes=splits.train.num_classes)
@@ -37,7 +39,8 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, overwrite: bool =
     engine = open_run(cfg.log.root, cfg.log.name, cfg, task, device, metadata, resume=resume, overwrite=overwrite)
     run = engine.run
     workers = cfg.data.num_workers
-    train_loader = make_loader(splits.train, cfg.train.batch_size, train=True, num_workers=workers, device=device)
+    train_loader = make_loader(splits.train, cfg.train.batch_size, train=True, num_workers=workers, device=device,
+                               random_items=splits.augment is None)
     evals = {}
     if splits.val is not None:
         evals["val"] = make_loader(splits.val, cfg.train.eval_batch_size, train=False, num_workers=workers,
@@ -46,7 +49,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, overwrite: bool =
         evals["test"] = make_loader(splits.test, cfg.train.eval_batch_size, train=False, num_workers=workers,
                                     device=device)
     t0 = time.perf_counter()
-    result = engine.fit(train_loader, evals, select="val/acc" if "val" in evals else None)
+    result = engine.fit(train_loader, evals, select="val/acc" if "val" in evals else None, augment=splits.augment)
     engine.logger.close()
     final = result.final
     best_row = result.history[result.best_epoch - 1] if result.best_epoch else final

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from transfer.config import TransferConfig
 from transfer.data import build_dataset
 from transfer.data.transforms import build_transform
+from transfer.engine.performance import check_runtime, prepare_network
 from transfer.engine.rundir import write_json
 from transfer.engine.runtime import resolve_device, seed_everything, set_threads
 from transfer.engine.trainer import FitResult
@@ -24,7 +25,7 @@ from transfer.losses.terms import TermContext, build_terms
 from transfer.models import FeatureTaps, TapSpec, build_model, tap_spec_for
 from transfer.models.checkpoints import freeze, load_network
 from transfer.sampling import build_sampler, cached_neighbour_table, file_sha256
-from transfer.stages.common import extract_features, make_loader, open_run
+from transfer.stages.common import extract_features, make_loader, open_run, train_pipeline
 from transfer.tasks.transfer import TransferTask
 
 
@@ -42,12 +43,17 @@ def run_transfer(cfg: TransferConfig, *, resume: bool = False, overwrite: bool =
     """Train the student of ``cfg`` into ``<log.root>/<log.name>``."""
     set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
+    check_runtime(device, cfg.train)
+
+    def place(module: torch.nn.Module) -> torch.nn.Module:
+        return prepare_network(module, device, channels_last=cfg.train.channels_last)
+
     if cfg.teacher.checkpoint is None:
         raise CKTFError("no teacher given: pass --teacher PATH (a best.safetensors written by cktf train-teacher)")
     teacher_net = load_network(cfg.teacher.checkpoint, prefix="model.", kinds=("teacher",), option="--teacher")
     teacher_taps = cfg.teacher.taps or teacher_net.taps
 
-    train_tf = build_transform(cfg.data.name, train=True, image_size=cfg.data.image_size)
+    train_tf, augment = train_pipeline(cfg.data)
     eval_tf = build_transform(cfg.data.name, train=False, image_size=cfg.data.image_size)
     pool = build_dataset(cfg.data.name, cfg.data.train_split, cfg.data.root, train_tf, **cfg.data.options)
     if pool.in_channels != teacher_net.in_channels:
@@ -85,7 +91,7 @@ def run_transfer(cfg: TransferConfig, *, resume: bool = False, overwrite: bool =
                    "num_items": num_items}
             neighbours = cached_neighbour_table(
                 cfg.sampler.cache_dir, key,
-                lambda: embed_pool(teacher.to(device), probe_ds, cfg.train.eval_batch_size, device,
+                lambda: embed_pool(place(teacher), probe_ds, cfg.train.eval_batch_size, device,
                                    cfg.data.num_workers),
                 table_k, index=cfg.sampler.index)
         sampler = build_sampler(cfg.sampler.kind, num_items, cfg.sampler.num_negatives, neighbours,
@@ -106,13 +112,14 @@ def run_transfer(cfg: TransferConfig, *, resume: bool = False, overwrite: bool =
         "dataset": cfg.data.name,
     }
     if cfg.loss.bank_init == "embed" and not resume:
-        task.to(device).fill_banks(DataLoader(probe_ds, batch_size=cfg.train.eval_batch_size,
-                                              num_workers=cfg.data.num_workers), device)
+        place(task).fill_banks(DataLoader(probe_ds, batch_size=cfg.train.eval_batch_size,
+                                          num_workers=cfg.data.num_workers), device)
     engine = open_run(cfg.log.root, cfg.log.name, cfg, task, device, metadata, resume=resume, overwrite=overwrite)
     run = engine.run
-    loader = make_loader(pool, cfg.train.batch_size, train=True, num_workers=cfg.data.num_workers, device=device)
+    loader = make_loader(pool, cfg.train.batch_size, train=True, num_workers=cfg.data.num_workers, device=device,
+                         random_items=augment is None)
     t0 = time.perf_counter()
-    result = engine.fit(loader)
+    result = engine.fit(loader, augment=augment)
     engine.logger.close()
     write_json(run.metrics, {
         "kind": "transfer",

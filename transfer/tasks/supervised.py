@@ -44,5 +44,8 @@ class SupervisedTask(Task):
         loss = F.cross_entropy(logits.float(), targets)
         return StepOutput(loss)
 
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.model]
+
     def evaluate(self, loader: DataLoader, device: torch.device, autocast: Any) -> dict[str, float]:
         return evaluate_classifier(self.model, loader, device, autocast)

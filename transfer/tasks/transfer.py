@@ -38,6 +38,9 @@ class TransferTask(Task):
         self.teacher.eval()
         return self
 
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.student, self.teacher]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("teacher.")]
 
