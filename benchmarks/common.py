@@ -7,6 +7,7 @@ number is never separated from how and where it was made.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -243,3 +244,25 @@ def patched(owner: Any, name: str, wrap: Callable[[Any], Any]) -> Iterator[Any]:
         yield original
     finally:
         setattr(owner, name, original)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def csv_choices(choices: Iterable[str]) -> Callable[[str], list[str]]:
+    """argparse type: a non-empty comma-separated list of ``choices``."""
+    allowed = list(choices)
+
+    def parse(text: str) -> list[str]:
+        values = [v for v in text.split(",") if v]
+        unknown = [v for v in values if v not in allowed]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; choose from "
+                                             f"{', '.join(allowed)}")
+        return values
+    return parse

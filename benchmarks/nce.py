@@ -77,6 +77,7 @@ from benchmarks.common import (  # noqa: E402
     format_table,
     machine_info,
     median,
+    positive_int,
     time_calls,
     write_json,
 )
@@ -331,13 +332,6 @@ def selected_configs(args: argparse.Namespace) -> dict[str, Size]:
         return {name: CONFIGS[name] for name in args.configs.split(",")}
     paper = CONFIGS["paper"]
     return {"custom": Size(args.batch or paper.batch, args.negatives or paper.negatives, args.items or paper.items)}
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -60,6 +60,7 @@ from benchmarks.common import (  # noqa: E402
     TimedBatches,
     command_line,
     config_overrides,
+    csv_choices,
     default_json_path,
     describe,
     format_table,
@@ -67,6 +68,7 @@ from benchmarks.common import (  # noqa: E402
     median,
     patched,
     performance_options,
+    positive_int,
     synchronize,
     write_json,
 )
@@ -241,26 +243,11 @@ def table_cells(row: dict[str, Any]) -> list[str]:
 HEADERS = ["mode", "train", "test", "epochs", "extract s", "probe s", "per epoch s", "train s", "rest s", "total s"]
 
 
-def csv_modes(text: str) -> list[str]:
-    values = [v for v in text.split(",") if v]
-    unknown = [v for v in values if v not in MODES]
-    if unknown or not values:
-        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; choose from "
-                                         f"{', '.join(MODES)}")
-    return values
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                      epilog="Other --section.key VALUE arguments override probe config keys.")
-    parser.add_argument("--modes", type=csv_modes, default=list(MODES), help="comma-separated: " + ", ".join(MODES))
+    parser.add_argument("--modes", type=csv_choices(MODES), default=list(MODES),
+                        help="comma-separated: " + ", ".join(MODES))
     parser.add_argument("--train-items", type=positive_int, default=5000, help="labeled train images (STL-10: 5000)")
     parser.add_argument("--test-items", type=positive_int, default=8000, help="test images (STL-10: 8000)")
     parser.add_argument("--epochs", type=positive_int, default=100, help="probe epochs (augment: extrapolated)")

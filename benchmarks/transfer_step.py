@@ -82,6 +82,7 @@ from benchmarks.common import (  # noqa: E402
     TimedBatches,
     command_line,
     config_overrides,
+    csv_choices,
     default_json_path,
     describe,
     format_table,
@@ -90,6 +91,7 @@ from benchmarks.common import (  # noqa: E402
     patched,
     peak_rss_mib,
     performance_options,
+    positive_int,
     spawn_worker,
     synchronize,
     write_json,
@@ -391,32 +393,14 @@ HEADERS = ["setting", "method", "B", "K", "N_d", "obj", "steps", "step ms", "loa
            "teacher", "student", "sampler", "loss", "optim", "sum", "peak MiB"]
 
 
-def csv_list(choices: tuple[str, ...] | dict[str, Any]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        values = [v for v in text.split(",") if v]
-        unknown = [v for v in values if v not in choices]
-        if unknown or not values:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; choose from "
-                                             f"{', '.join(choices)}")
-        return values
-    return parse
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                      epilog="Other --section.key VALUE arguments override config keys.")
-    parser.add_argument("--settings", type=csv_list(SETTINGS), default=list(SETTINGS),
+    parser.add_argument("--settings", type=csv_choices(SETTINGS), default=list(SETTINGS),
                         help="comma-separated: " + ", ".join(SETTINGS))
-    parser.add_argument("--methods", type=csv_list(METHODS), default=list(METHODS),
+    parser.add_argument("--methods", type=csv_choices(METHODS), default=list(METHODS),
                         help="comma-separated: " + ", ".join(METHODS))
-    parser.add_argument("--negative-modes", type=csv_list(NEGATIVE_MODES), default=list(NEGATIVE_MODES),
+    parser.add_argument("--negative-modes", type=csv_choices(NEGATIVE_MODES), default=list(NEGATIVE_MODES),
                         help="negatives of CRD/CKTF, comma-separated: " + ", ".join(NEGATIVE_MODES))
     parser.add_argument("--steps", type=positive_int, help="timed steps (default: 3 stl10_vgg, 8 fashion)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 1 stl10_vgg, 2 fashion)")
