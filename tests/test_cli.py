@@ -106,3 +106,13 @@ def test_zero_epochs_saves_the_initialised_network(fashion_root, tmp_path):
     for name in ("last.safetensors", "best.safetensors"):
         ckpt = load_checkpoint(tmp_path / "untrained" / name)
         assert ckpt.state["epoch"] == 0 and ckpt.metadata["kind"] == "teacher"
+
+
+def test_resume_may_change_workers_only_with_batched_augmentation(fashion_root, tmp_path):
+    per_image = ("--data.augment", "per_image", "--train.epochs", "1")
+    assert invoke(*tiny(fashion_root, tmp_path, "p", *per_image))[0] == 0
+    code, out = invoke(*tiny(fashion_root, tmp_path, "p", "--resume", *per_image, "--data.num_workers", "1"))
+    one_line_error(code, out, "data.num_workers", "--resume")
+    assert invoke(*tiny(fashion_root, tmp_path, "b", "--train.epochs", "1"))[0] == 0
+    code, out = invoke(*tiny(fashion_root, tmp_path, "b", "--resume", "--train.epochs", "1", "--data.num_workers", "1"))
+    assert code == 0, out

@@ -116,8 +116,12 @@ def write_run_config(run: RunDir, cfg: Any, *, resume: bool) -> None:
     if resume and run.config.is_file():
         saved = {**IMPLIED_BY_OLDER_RUNS, **_flatten(yaml.safe_load(run.config.read_text()) or {})}
         now = _flatten(config_to_dict(cfg))
+        # per-image augmentation draws in the loader's workers, seeded per worker: their number matters then
+        may_change = set(RESUME_MAY_CHANGE)
+        if now.get("data.augment") == "per_image":
+            may_change.discard("data.num_workers")
         for key in sorted(set(saved) | set(now)):
-            if key in RESUME_MAY_CHANGE:
+            if key in may_change:
                 continue
             if saved.get(key) != now.get(key):
                 raise CKTFError(f"--resume with a different config: '{key}' was {saved.get(key)!r} in "
