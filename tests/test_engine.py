@@ -3,8 +3,8 @@
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
+from tests.killable_data import KillableDataset
 from transfer.config import TrainConfig
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.engine.logger import RunLogger
@@ -16,24 +16,12 @@ from transfer.stages.common import make_loader
 from transfer.tasks import SupervisedTask
 
 
-class Blobs(Dataset):
+def blobs(n: int = 96, seed: int = 0, crash_at: int | None = None) -> KillableDataset:
     """Two Gaussian blobs in 8-d with augmentation noise drawn from the global torch RNG."""
-
-    def __init__(self, n: int = 96, seed: int = 0, crash_at: int | None = None) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.targets = torch.randint(0, 2, (n,), generator=g)
-        self.x = torch.randn(n, 8, generator=g) + 2.0 * self.targets[:, None].float()
-        self.crash_at = crash_at
-        self.calls = 0
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        self.calls += 1
-        if self.crash_at is not None and self.calls == self.crash_at:
-            raise KeyboardInterrupt("simulated kill")
-        return self.x[i] + 0.1 * torch.randn(8), int(self.targets[i]), i
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 8, generator=g) + 2.0 * targets[:, None].float()
+    return KillableDataset(x, targets, crash_at=crash_at)
 
 
 def make_engine(tmp_path, name: str, epochs: int, resume: bool = False, **train):
@@ -47,8 +35,8 @@ def make_engine(tmp_path, name: str, epochs: int, resume: bool = False, **train)
 
 
 def loaders(crash_at=None):
-    train = make_loader(Blobs(crash_at=crash_at), 16, train=True, num_workers=0, device=torch.device("cpu"))
-    val = make_loader(Blobs(n=40, seed=1), 64, train=False, num_workers=0, device=torch.device("cpu"))
+    train = make_loader(blobs(crash_at=crash_at), 16, train=True, num_workers=0, device=torch.device("cpu"))
+    val = make_loader(blobs(n=40, seed=1), 64, train=False, num_workers=0, device=torch.device("cpu"))
     return train, {"val": val}
 
 

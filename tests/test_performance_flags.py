@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from tests.cli_helpers import assert_one_line, invoke, one_line_error
 from tests.data_fixtures import write_fashion_idx
+from tests.killable_data import KillableDataset
 from transfer.config import LossConfig, TrainConfig
 from transfer.engine.checkpoint import load_checkpoint, save_checkpoint
 from transfer.engine.logger import RunLogger
@@ -104,27 +104,15 @@ def test_channels_last_checkpoint_round_trips_bit_identically(tmp_path):
         assert again.state_dict()[key].stride() == value.stride(), key  # loading keeps the model's layout
 
 
-class Squares(Dataset):
+def squares(n: int = 64, seed: int = 0, crash_at: int | None = None) -> KillableDataset:
     """Tiny 1-channel images of two classes (bright square top-left or bottom-right) with global-RNG noise."""
-
-    def __init__(self, n: int = 64, seed: int = 0, crash_at: int | None = None) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.targets = torch.randint(0, 2, (n,), generator=g)
-        self.x = torch.rand(n, 1, 8, 8, generator=g)
-        for i, t in enumerate(self.targets.tolist()):
-            self.x[i, :, :4, :4] += 1.0 if t == 0 else 0.0
-            self.x[i, :, 4:, 4:] += 1.0 if t == 1 else 0.0
-        self.crash_at = crash_at
-        self.calls = 0
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        self.calls += 1
-        if self.crash_at is not None and self.calls == self.crash_at:
-            raise KeyboardInterrupt("simulated kill")
-        return self.x[i] + 0.1 * torch.randn(1, 8, 8), int(self.targets[i]), i
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, 2, (n,), generator=g)
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    for i, t in enumerate(targets.tolist()):
+        x[i, :, :4, :4] += 1.0 if t == 0 else 0.0
+        x[i, :, 4:, 4:] += 1.0 if t == 1 else 0.0
+    return KillableDataset(x, targets, crash_at=crash_at)
 
 
 def conv_net() -> nn.Module:
@@ -143,7 +131,7 @@ def conv_engine(tmp_path, name: str, epochs: int, resume: bool = False, **train)
 
 
 def squares_loader(crash_at: int | None = None):
-    return make_loader(Squares(crash_at=crash_at), 16, train=True, num_workers=0, device=torch.device("cpu"))
+    return make_loader(squares(crash_at=crash_at), 16, train=True, num_workers=0, device=torch.device("cpu"))
 
 
 def test_engine_converts_the_task_and_resumes_a_channels_last_run_exactly(tmp_path):
