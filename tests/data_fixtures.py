@@ -16,6 +16,16 @@ import numpy as np
 from PIL import Image
 
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+
+# Shape of one decoded uint8 image of each dataset, as its loader yields it (image folders: any size).
+INPUTS = {
+    "stl10": (3, 96, 96),
+    "tinyimagenet": (3, 64, 64),
+    "image_folder": (3, 50, 80),
+    "fashion_mnist": (1, 28, 28),
+    "fashion_split": (1, 28, 28),
+}
+
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 from torchvision.transforms.v2 import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from tests.data_fixtures import write_fashion_idx
+from tests.data_fixtures import INPUTS, write_fashion_idx
 from transfer.config import DataConfig, TeacherConfig, load_config
 from transfer.data import DATASETS, build_transform
 from transfer.data import transforms as T
@@ -19,14 +19,6 @@ from transfer.data.batch_augment import PaddedCropFlip, RandomResizedCropFlip, b
 from transfer.data.transforms import build_decode_transform
 from transfer.errors import CKTFError
 from transfer.stages.common import build_splits, make_loader
-
-INPUTS = {
-    "stl10": (3, 96, 96),
-    "tinyimagenet": (3, 64, 64),
-    "image_folder": (3, 50, 80),
-    "fashion_mnist": (1, 28, 28),
-    "fashion_split": (1, 28, 28),
-}
 
 
 def images(shape, n, seed=0):

@@ -7,17 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.data_fixtures import INPUTS
 from transfer.data import DATASETS, build_transform, default_image_size
 from transfer.data import transforms as T
 from transfer.errors import CKTFError
-
-INPUTS = {
-    "stl10": (3, 96, 96),
-    "tinyimagenet": (3, 64, 64),
-    "image_folder": (3, 50, 80),
-    "fashion_mnist": (1, 28, 28),
-    "fashion_split": (1, 28, 28),
-}
 
 
 def image(shape, seed=0):

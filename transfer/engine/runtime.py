@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from collections.abc import Iterator
 
@@ -26,8 +27,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
 def check_precision(device: torch.device, precision: str) -> None:
     """Refuse a ``train.precision`` the device cannot run, before a stage touches its run directory.
+
+    Cached: :func:`autocast` runs it on every training step, and the bf16 query reaches the CUDA driver.
 
     fp16 is CUDA-only by design: its gradient scaler guards fp16's narrow range, and on CPU bf16 is both the
     natively supported half type and safe without a scaler.
