@@ -153,3 +153,13 @@ def test_probe_benchmark_tiny(tmp_path):
     assert (augment["train_batches_per_epoch"], augment["test_batches_per_epoch"]) == (5, 1)  # 40 // 8, ceil(24/256)
     assert augment["per_epoch_s"] == pytest.approx(5 * augment["train_batch_s"] + augment["test_batch_s"])
     assert augment["probe_s"] == pytest.approx(2 * augment["per_epoch_s"])
+
+
+def test_augment_benchmark_tiny(tmp_path):
+    result = run_benchmark("augment.py", tmp_path / "augment.json", "--datasets", "fashion_split,stl10",
+                           "--repeats", "2", "--clock", "wall")
+    assert [r["dataset"] for r in result["results"]] == ["fashion_split", "stl10"]
+    for row in result["results"]:
+        assert row["per_image_us"] > 0 and row["batched_us"] > 0
+        assert row["speedup"] == pytest.approx(row["per_image_us"] / row["batched_us"])
+    assert result["clock"] == "wall" and result["machine"]["threads"] == 1
