@@ -37,7 +37,7 @@ setup(
     install_requires=requirements,
     extras_require={
         "gpu": ["faiss-gpu>=1.8"],
-        "dev": ["pytest>=7.4", "ruff>=0.4"],
+        "dev": ["pytest>=7.4", "ruff>=0.4", "hypothesis>=6.90"],
     },
     entry_points={"console_scripts": ["cktf = transfer.cli:main"]},
 )

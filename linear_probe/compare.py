@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transfer.engine.atomic import atomic_path
 from transfer.errors import CKTFError
 
 PNG_NAME, MD_NAME, CSV_NAME = "convergence.png", "comparison.md", "comparison.csv"
@@ -83,7 +84,8 @@ def _probe_dir(path: Path) -> Path:
     if not (path / "metrics.json").is_file():
         run = path.parent
         raise CKTFError(f"{run} has no probe results (probe/metrics.json); "
-                        f"run `cktf probe --student {run / 'last.safetensors'}` first")
+                        f"run `cktf probe --config PROBE_CONFIG --student {run / 'last.safetensors'}` first (the probe "
+                        "config of its data, e.g. configs/fashion_split/probe.yaml)")
     return path
 
 
@@ -244,10 +246,14 @@ def write_report(runs: list[ProbeRun], out: str | Path, title: str | None = None
     title = title or "Linear-probe comparison"
     rows = summarise(runs)
     contents = {"png": _plot(rows, title), "md": _markdown(rows, runs, title).encode(), "csv": _csv(rows).encode()}
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / PNG_NAME, "md": out / MD_NAME, "csv": out / CSV_NAME}
-    for key, data in contents.items():
-        paths[key].write_bytes(data)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for key, data in contents.items():
+            with atomic_path(paths[key]) as tmp:
+                tmp.write_bytes(data)
+    except OSError as err:
+        raise CKTFError(f"--out {out}: cannot write the report there ({err.strerror or err})") from None
     return paths
 
 

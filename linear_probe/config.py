@@ -41,6 +41,8 @@ class ProbeLogConfig:
     tensorboard: bool = option(True, help="write TensorBoard scalars probe/test_acc, probe/train_loss, probe/knn_acc")
     progress: bool = option(True, help="show a progress bar on a terminal")
     log_every: int = option(50, help="training steps between logged scalars", min=1)
+    progress_every: float = option(30.0, help="seconds between progress lines when the output is not a "
+                                   "terminal (0: none)", min=0.0)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from linear_probe.config import ProbeConfig
 from linear_probe.stage import run_probe
 from transfer.config import TeacherConfig, TransferConfig, load_config
 from transfer.config.loader import overrides_for
+from transfer.stages.common import RunRequest
 from transfer.stages.teacher import train_teacher
 from transfer.stages.transfer import run_transfer
 
@@ -89,12 +90,12 @@ def run_step(step: Step, root: Path, extra: list[str] | tuple[str, ...] = ()) ->
     log.info(f"demo: {'resuming' if resume else 'running'} {step.stage} -> {step.run_dir}")
     if step.stage == "probe":
         cfg = load_config(step.config, ProbeConfig, [*overrides_for(ProbeConfig, extra), *step.overrides])
-        run_probe(cfg, str(step.student) if step.student else None, resume=resume, overwrite=not resume)
+        run_probe(cfg, str(step.student) if step.student else None, RunRequest(resume=True))
         return
     schema = TeacherConfig if step.stage == "teacher" else TransferConfig
     cfg = load_config(step.config, schema, [*overrides_for(schema, extra), *step.overrides, "--log.root", str(root)])
     stage = train_teacher if step.stage == "teacher" else run_transfer
-    stage(cfg, resume=resume, overwrite=not resume)
+    stage(cfg, RunRequest(resume=True))
 
 
 def run_demo(root: str | Path = "runs", seeds: list[int] | None = None, report: str | Path = "reports/fashion_split",

@@ -31,7 +31,7 @@ from transfer.engine.runtime import resolve_device, seed_everything, set_threads
 from transfer.errors import CKTFError
 from transfer.models import build_model
 from transfer.models.checkpoints import load_network
-from transfer.stages.common import extract_features, make_loader, open_run, train_pipeline
+from transfer.stages.common import RunRequest, extract_features, make_loader, open_run, train_pipeline
 
 TAGS = {"test/acc": "probe/test_acc", "train/loss_epoch": "probe/train_loss", "val/acc": "probe/val_acc"}
 
@@ -90,7 +90,7 @@ def _labeled(dataset, split: str, name: str):
     return dataset
 
 
-def run_probe(cfg: ProbeConfig, student: str | None, *, resume: bool = False, overwrite: bool = False) -> dict:
+def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRequest()) -> dict:
     """Probe the backbone described by ``cfg``/``student``; returns the metrics written to metrics.json."""
     set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
@@ -143,8 +143,11 @@ def run_probe(cfg: ProbeConfig, student: str | None, *, resume: bool = False, ov
             evals["val"] = val_eval
 
     metadata = {"kind": "probe", "method": backbone.label, "backbone": backbone.source}
-    engine = open_run(str(backbone.out.parent), backbone.out.name, cfg, task, device, metadata, resume=resume,
-                      overwrite=overwrite, tag_map=probe_tag)
+    option = "probe.out" if cfg.probe.out else "probe.out (default: <checkpoint's run dir>/probe)"
+    describe = (f"probe ({cfg.probe.mode}): {backbone.source} on {d.name}/{d.train_split} ({len(train_labels)} "
+                f"labeled, test {len(test_labels)})")
+    engine = open_run(backbone.out, option, cfg, task, device, metadata, request, describe=describe,
+                      data_root=getattr(train_eval, "root", None), tag_map=probe_tag)
     out, logger = engine.run, engine.logger
     cpu_or_pin = device if cfg.probe.mode == "augment" else torch.device("cpu")
     loader = make_loader(train_set, cfg.train.batch_size, train=True,

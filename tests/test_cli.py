@@ -1,5 +1,6 @@
 """The `cktf` command line as a user runs it: help, a tiny teacher run, resume, and one-line errors."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,12 @@ def test_resume_extends_a_run_exactly(fashion_root, tmp_path):
     assert invoke(*tiny(fashion_root, tmp_path, "straight"))[0] == 0
     assert invoke(*tiny(fashion_root, tmp_path, "split", "--train.epochs", "1"))[0] == 0
     code, out = invoke(*tiny(fashion_root, tmp_path, "split", "--resume"))
+    one_line_error(code, out, "train.epochs (1 -> 2)", "--allow-change train.epochs")
+    code, out = invoke(*tiny(fashion_root, tmp_path, "split", "--resume", "--allow-change", "train.epochs"))
     assert code == 0, out
+    record = json.loads((tmp_path / "split/resumes.jsonl").read_text().splitlines()[-1])
+    assert record["changed"]["train.epochs"] == {"was": 1, "now": 2}
+    assert record["allowed_by_flag"] == ["train.epochs"]
     a = load_checkpoint(tmp_path / "straight/last.safetensors").state["task"]
     b = load_checkpoint(tmp_path / "split/last.safetensors").state["task"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -222,7 +222,8 @@ def test_errors_name_the_path_and_write_nothing(tmp_path):
     _one_line_error(lambda: compare([tmp_path / "empty"], out), tmp_path / "empty", "is empty")
     assert _one_line_error(lambda: compare([good, unprobed], out)) == (
         f"{unprobed} has no probe results (probe/metrics.json); "
-        f"run `cktf probe --student {unprobed / 'last.safetensors'}` first")
+        f"run `cktf probe --config PROBE_CONFIG --student {unprobed / 'last.safetensors'}` first (the probe "
+        "config of its data, e.g. configs/fashion_split/probe.yaml)")
     _one_line_error(lambda: compare([no_events], out), no_events, "no probe/test_acc events")
     _one_line_error(lambda: compare([in_percent], out), in_percent / "metrics.json", "final_acc", "[0, 1]")
     _one_line_error(lambda: compare([bad_json], out), bad_json / "metrics.json", "cannot read")

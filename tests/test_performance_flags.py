@@ -125,7 +125,7 @@ def conv_net() -> nn.Module:
 
 def conv_engine(tmp_path, name: str, epochs: int, resume: bool = False, **train) -> Engine:
     cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.1, milestones=[2], seed=3, **train)
-    run = prepare_run_dir(str(tmp_path), name, resume=resume, overwrite=False)
+    run = prepare_run_dir(tmp_path / name, resume=resume, overwrite=False)
     logger = RunLogger(run.path, tensorboard=False, progress=False)
     return Engine(SupervisedTask(conv_net()), cfg, run, logger, torch.device("cpu"), {"kind": "test"}, log_every=2)
 

@@ -30,7 +30,7 @@ def test_probe_separates_linearly_separable_features(tmp_path):
     probe = LinearProbe(16, 4, feats[:300].mean(0), feats[:300].std(0))
     task = ProbeTask(torch.nn.Identity(), probe)
     cfg = TrainConfig(epochs=10, batch_size=32, lr=0.1, schedule="cosine")
-    run = prepare_run_dir(str(tmp_path), "p", resume=False, overwrite=False)
+    run = prepare_run_dir(tmp_path / "p", resume=False, overwrite=False)
     engine = Engine(task, cfg, run, RunLogger(run.path, tensorboard=False, progress=False), torch.device("cpu"), {})
     cpu = torch.device("cpu")
     result = engine.fit(make_loader(train, 32, train=True, num_workers=0, device=cpu),

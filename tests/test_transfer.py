@@ -80,7 +80,8 @@ def test_resume_restores_banks_z_and_heads(setup):
     per_anchor = ("--sampler.shared", "false")
     assert invoke(*transfer_args(setup, "cktf", "r_straight", *per_anchor))[0] == 0
     assert invoke(*transfer_args(setup, "cktf", "r_split", "--train.epochs", "1", *per_anchor))[0] == 0
-    code, out = invoke(*transfer_args(setup, "cktf", "r_split", "--resume", *per_anchor))
+    extend = ("--resume", "--allow-change", "train.epochs")
+    code, out = invoke(*transfer_args(setup, "cktf", "r_split", *extend, *per_anchor))
     assert code == 0, out
     a = load_checkpoint(setup / "runs/r_straight/last.safetensors").state["task"]
     b = load_checkpoint(setup / "runs/r_split/last.safetensors").state["task"]

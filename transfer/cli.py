@@ -7,13 +7,15 @@ keys. User errors print one line (``Error: …``) and exit 1; ``cktf --debug …
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
 import sys
 
 import click
 
 from transfer import __version__
 from transfer.config import TeacherConfig, TransferConfig, describe_options, load_config
-from transfer.errors import CKTFError
+from transfer.errors import CKTFError, RunInterrupted
 
 OVERRIDABLE = {"ignore_unknown_options": True, "allow_extra_args": False, "help_option_names": ["-h", "--help"]}
 
@@ -28,7 +30,11 @@ def one_line(err: BaseException) -> str:
 
 
 class CKTFGroup(click.Group):
-    """Turns :class:`CKTFError` into one line on stderr and a non-zero exit, unless ``--debug``."""
+    """Turns :class:`CKTFError` into one line on stderr and a non-zero exit, unless ``--debug``.
+
+    A run stopped by SIGINT/SIGTERM after saving a checkpoint prints how to resume it and exits with the
+    conventional status (130 for SIGINT, 143 for SIGTERM); Ctrl-C anywhere else exits 130 in one line too.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
@@ -37,6 +43,49 @@ class CKTFGroup(click.Group):
             if ctx.meta.get("cktf.debug"):
                 raise
             raise click.ClickException(one_line(err)) from None
+        except RunInterrupted as stop:
+            click.echo(f"stopped by {signal.Signals(stop.signum).name} at epoch {stop.epoch}, batch {stop.batch}: "
+                       f"saved {stop.checkpoint}; continue with: {resume_command(sys.argv)}", err=True)
+            ctx.exit(stop.exit_code)
+        except KeyboardInterrupt:
+            if ctx.meta.get("cktf.debug"):
+                raise
+            click.echo("interrupted; a run continues from its last checkpoint with --resume", err=True)
+            ctx.exit(128 + signal.SIGINT)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes the run ``argv`` started: the same, without --overwrite, with --resume."""
+    args = [a for a in argv[1:] if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["cktf", *args])
+
+
+def configure_logging(debug: bool, quiet: bool) -> None:
+    """cktf's own lines at INFO (WARNING with ``-q``); third-party chatter (faiss loader, tensorboard, matplotlib)
+    only with ``--debug``."""
+    logging.basicConfig(format="%(message)s", level=logging.INFO if debug else logging.WARNING, stream=sys.stderr,
+                        force=True)
+    logging.getLogger("cktf").setLevel(logging.WARNING if quiet else logging.INFO)
+    for name in ("matplotlib", "tensorboard", "PIL"):
+        logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.ERROR)
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """``--debug``/``-q`` given after a subcommand: as if given before it."""
+    if value:
+        ctx.meta[f"cktf.{param.name}"] = True
+        configure_logging(ctx.meta.get("cktf.debug", False), ctx.meta.get("cktf.quiet", False))
+    return value
+
+
+def verbosity_options(command):
+    """``--debug`` and ``-q/--quiet``, accepted before or after the subcommand."""
+    command = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_verbosity,
+                           help="Only print warnings and errors.")(command)
+    return click.option("--debug", is_flag=True, expose_value=False, callback=_verbosity,
+                        help="Show full tracebacks and third-party log lines.")(command)
 
 
 class ConfigCommand(click.Command):
@@ -54,11 +103,10 @@ class ConfigCommand(click.Command):
 
 
 @click.group(cls=CKTFGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-@click.option("-q", "--quiet", is_flag=True, help="Only print warnings and errors.")
+@verbosity_options
 @click.version_option(__version__, prog_name="cktf")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def cli(ctx: click.Context) -> None:
     """cktf: unsupervised cross-domain knowledge transfer.
 
     \b
@@ -66,33 +114,57 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     2. cktf transfer        KD / CRD / CKTF to a student on the unlabeled target
     3. cktf probe           linear probe of the frozen student on the target
     4. cktf compare         convergence curves and a table of several runs
+
+    Ctrl-C or SIGTERM during training saves a checkpoint after the current step; rerun the same command with
+    --resume to continue exactly where it stopped.
     """
-    ctx.meta["cktf.debug"] = debug
-    logging.basicConfig(format="%(message)s", level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
-                        force=True)
+    configure_logging(ctx.meta.get("cktf.debug", False), ctx.meta.get("cktf.quiet", False))
 
 
 _CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
                        help="YAML config file (see configs/).")
-_RESUME = click.option("--resume", is_flag=True, help="Continue the interrupted run in <log.root>/<log.name>.")
-_OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing run directory of the same name.")
+
+
+def run_options(where: str):
+    """``--resume``, ``--overwrite`` and ``--allow-change`` for a command writing its run into ``where``."""
+    def decorate(command):
+        for option in reversed([
+            click.option("--resume", is_flag=True, help=f"Continue the run in {where} from its last checkpoint "
+                         "(a run without one starts afresh)."),
+            click.option("--overwrite", is_flag=True, help=f"Delete the files cktf wrote in {where} (checkpoints, "
+                         "config, metrics, events, nested probe results) and start again; anything else there "
+                         "stays, and a directory cktf did not create is refused."),
+            click.option("--allow-change", "allow_change", multiple=True, metavar="KEY",
+                         help="With --resume: accept a changed value of config KEY (repeatable), e.g. "
+                         "--allow-change train.epochs to extend a finished run; recorded in resumes.jsonl."),
+        ]):
+            command = option(command)
+        return command
+    return decorate
+
+
+def _request(resume: bool, overwrite: bool, allow_change: tuple[str, ...]):
+    from transfer.stages.common import RunRequest
+
+    return RunRequest(resume=resume, overwrite=overwrite, allow_change=tuple(allow_change))
 
 
 @cli.command("train-teacher", cls=ConfigCommand, schema=TeacherConfig, context_settings=OVERRIDABLE)
 @_CONFIG
-@_RESUME
-@_OVERWRITE
+@run_options("<log.root>/<log.name>")
+@verbosity_options
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--section.key VALUE]...")
-def train_teacher_cmd(config_path: str, resume: bool, overwrite: bool, overrides: tuple[str, ...]) -> None:
+def train_teacher_cmd(config_path: str, resume: bool, overwrite: bool, allow_change: tuple[str, ...],
+                      overrides: tuple[str, ...]) -> None:
     """Train a supervised teacher on the labeled source dataset.
 
     Writes last.safetensors (every epoch), best.safetensors (best validation accuracy),
     config.yaml, metrics.json and TensorBoard events to <log.root>/<log.name>.
     """
+    cfg = load_config(config_path, TeacherConfig, overrides)
     from transfer.stages.teacher import train_teacher
 
-    cfg = load_config(config_path, TeacherConfig, overrides)
-    result = train_teacher(cfg, resume=resume, overwrite=overwrite)
+    result = train_teacher(cfg, _request(resume, overwrite, allow_change))
     final = result.final
     msg = f"done: {cfg.log.root}/{cfg.log.name}"
     if "test/acc" in final:
@@ -106,23 +178,23 @@ def train_teacher_cmd(config_path: str, resume: bool, overwrite: bool, overrides
 @_CONFIG
 @click.option("--teacher", "teacher_path", type=click.Path(dir_okay=False),
               help="Teacher checkpoint (best.safetensors of cktf train-teacher); sets teacher.checkpoint.")
-@_RESUME
-@_OVERWRITE
+@run_options("<log.root>/<log.name>")
+@verbosity_options
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--section.key VALUE]...")
 def transfer_cmd(config_path: str, teacher_path: str | None, resume: bool, overwrite: bool,
-                 overrides: tuple[str, ...]) -> None:
+                 allow_change: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Transfer a frozen teacher's knowledge to a student on the unlabeled target split.
 
     The method is set by the loss weights (configs/*/{kd,crd,cktf,cktf_kd}.yaml). Writes last.safetensors
     (student, projection heads, memory banks, Z), config.yaml, metrics.json and TensorBoard events (one
     scalar per loss term) to <log.root>/<log.name>.
     """
-    from transfer.stages.transfer import run_transfer
-
     if teacher_path is not None:
         overrides = (*overrides, "--teacher.checkpoint", teacher_path)
     cfg = load_config(config_path, TransferConfig, overrides)
-    result = run_transfer(cfg, resume=resume, overwrite=overwrite)
+    from transfer.stages.transfer import run_transfer
+
+    result = run_transfer(cfg, _request(resume, overwrite, allow_change))
     msg = f"done: {cfg.log.root}/{cfg.log.name}  method {cfg.loss.method}"
     if result.history:
         first, final = result.history[0], result.final
@@ -141,11 +213,11 @@ def _probe_schema() -> type:
 @_CONFIG
 @click.option("--student", "student_path", type=click.Path(dir_okay=False),
               help="Checkpoint to probe: last.safetensors of a transfer run (or a teacher's, for its own features).")
-@_RESUME
-@_OVERWRITE
+@run_options("the probe directory (probe.out, default <checkpoint's run dir>/probe)")
+@verbosity_options
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--section.key VALUE]...")
 def probe_cmd(config_path: str, student_path: str | None, resume: bool, overwrite: bool,
-              overrides: tuple[str, ...]) -> None:
+              allow_change: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Train a linear probe on a frozen network's penultimate features.
 
     Fits on the target's labeled train split and evaluates on its test split after every epoch; writes
@@ -153,10 +225,11 @@ def probe_cmd(config_path: str, student_path: str | None, resume: bool, overwrit
     <run>/probe/ (or probe.out).
     """
     from linear_probe.config import ProbeConfig
-    from linear_probe.stage import run_probe
 
     cfg = load_config(config_path, ProbeConfig, overrides)
-    m = run_probe(cfg, student_path, resume=resume, overwrite=overwrite)
+    from linear_probe.stage import run_probe
+
+    m = run_probe(cfg, student_path, _request(resume, overwrite, allow_change))
     knn = f"  kNN {100 * m['knn_acc']:.2f}%" if m["knn_acc"] is not None else ""
     click.echo(f"done: {m['method']}  probe test acc {100 * m['final_acc']:.2f}% after {m['epochs']} epochs{knn}")
 
@@ -165,6 +238,7 @@ def probe_cmd(config_path: str, student_path: str | None, resume: bool, overwrit
 @click.argument("runs", nargs=-1, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the plot and tables.")
 @click.option("--title", default=None, help="Title of the report.")
+@verbosity_options
 def compare_cmd(runs: tuple[str, ...], out: str, title: str | None) -> None:
     """Compare probed runs: convergence plot (PNG) and a Markdown + CSV table.
 
@@ -185,6 +259,7 @@ def compare_cmd(runs: tuple[str, ...], out: str, title: str | None) -> None:
               help="Transfer/probe seeds (0..N-1); the report shows mean ± std over them.")
 @click.option("--out", "report", default="reports/fashion_split", show_default=True,
               type=click.Path(file_okay=False), help="Directory for the comparison report.")
+@verbosity_options
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--section.key VALUE]...")
 def demo_cmd(runs_root: str, seeds: int, report: str, overrides: tuple[str, ...]) -> None:
     """The whole pipeline on fashion_split: teacher, KD/CRD/CKTF transfers, probes, controls, comparison.
@@ -201,6 +276,7 @@ def demo_cmd(runs_root: str, seeds: int, report: str, overrides: tuple[str, ...]
 
 
 @cli.command("models")
+@verbosity_options
 def models_cmd() -> None:
     """List the registered model names."""
     from transfer.models import list_models

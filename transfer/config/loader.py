@@ -158,6 +158,8 @@ def _check_range(path: str, value: Any, meta: dict, source: dict[str, str]) -> N
     for v in items:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
+        if v != v:
+            raise CKTFError(f"config key '{path}' {source.get(path, 'in the config')}: expected a number, got nan")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             rng = f"≥ {lo}" if hi is None else (f"≤ {hi}" if lo is None else f"in [{lo}, {hi}]")
             where = source.get(path, "in the config")
@@ -213,9 +215,15 @@ def _parse_raw(raw: str, tp: Any) -> Any:
         if args == [str]:
             return raw
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    if isinstance(value, str) and tp is float:
+        try:
+            return float(raw)  # YAML 1.1 reads '1e-9' (no dot) as a string
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(values: dict[str, Any], schema: type, overrides: list[tuple[str, str]],
@@ -257,13 +265,22 @@ def load_config(path: str | Path | None, schema: type[T], overrides: list[str] |
         if not p.is_file():
             raise CKTFError(f"config file {p} does not exist (option --config)")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise CKTFError(f"config file {p} is not a text file; expected YAML (UTF-8), like configs/*/*.yaml") \
+                from None
+        except OSError as err:
+            raise CKTFError(f"config file {p} cannot be read ({err.strerror or err})") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise CKTFError(f"config file {p} is not valid YAML{where}") from None
+        except RecursionError:
+            raise CKTFError(f"config file {p} is nested too deeply to be a config") from None
         if loaded is None:
-            loaded = {}
+            raise CKTFError(f"config file {p} is empty; expected a mapping of sections (data:, train:, log:, …)")
         if not isinstance(loaded, dict):
             raise CKTFError(f"config file {p}: expected a mapping of sections at the top level")
         values = loaded

@@ -69,12 +69,41 @@ class TrainConfig:
                                  "faster layout for CPU (oneDNN) and GPU convolutions; same results up to rounding")
     compile: bool = option(False, help="torch.compile the networks' forward passes (opt-in: tens of seconds of "
                            "compilation per run; needs a C++ compiler on CPU, triton on CUDA)")
+    checkpoint_every: int | str = option(
+        0, help="also checkpoint inside an epoch, every N training steps (an integer) or every N minutes (e.g. "
+        "'10min'), so a preempted run loses little; 0: at the end of each epoch only. SIGINT/SIGTERM always "
+        "checkpoint the current step")
+
+    @property
+    def checkpoint_interval(self) -> tuple[int, float]:
+        """``(steps, seconds)`` between checkpoints inside an epoch; 0 means not by that measure."""
+        return parse_checkpoint_every(self.checkpoint_every)
 
     def validate(self) -> None:
+        self.checkpoint_interval  # noqa: B018 - raises on a malformed value
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise CKTFError(f"config key 'train.device': expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.precision == "fp16" and self.device == "cpu":
             raise CKTFError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+
+
+def parse_checkpoint_every(value: int | str) -> tuple[int, float]:
+    """``train.checkpoint_every`` as ``(steps, seconds)``: ``500`` → (500, 0), ``'10min'`` → (0, 600)."""
+    if isinstance(value, int) and value >= 0:
+        return value, 0.0
+    text = str(value).strip().lower().replace(" ", "")
+    for suffix in ("minutes", "minute", "mins", "min", "m"):
+        if text.endswith(suffix):
+            number = text[: -len(suffix)]
+            try:
+                minutes = float(number)
+            except ValueError:
+                break
+            if minutes > 0 and minutes == minutes and minutes != float("inf"):
+                return 0, 60.0 * minutes
+            break
+    raise CKTFError(f"config key 'train.checkpoint_every': expected a number of steps (e.g. 500), minutes "
+                    f"(e.g. '10min') or 0, got {value!r}")
 
 
 @dataclass
@@ -86,6 +115,8 @@ class LogConfig:
     tensorboard: bool = option(True, help="write TensorBoard scalars")
     progress: bool = option(True, help="show a progress bar on a terminal")
     log_every: int = option(20, help="training steps between logged scalars", min=1)
+    progress_every: float = option(30.0, help="seconds between progress lines when the output is not a "
+                                   "terminal (0: none)", min=0.0)
 
 
 @dataclass

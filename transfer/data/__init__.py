@@ -53,7 +53,7 @@ DATASETS: tuple[str, ...] = ("stl10", "tinyimagenet", "fashion_mnist", "fashion_
 
 def _spec(name: str) -> _Spec:
     if name not in _SPECS:
-        raise CKTFError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+        raise CKTFError(f"unknown dataset {name!r} (data.name); expected one of {', '.join(DATASETS)}")
     return _SPECS[name]
 
 
@@ -78,6 +78,8 @@ def build_dataset(
     datasets, which then use the system copy.
     """
     spec = _spec(name)
+    if root is not None and os.path.exists(root) and not os.path.isdir(root):
+        raise CKTFError(f"data root {root} (data.root) is a file; expected the directory holding {name}")
     if split not in spec.splits:
         raise CKTFError(f"dataset {name} has no split {split!r}; expected one of {', '.join(spec.splits)}")
     unknown = sorted(set(options) - set(spec.options))

@@ -28,7 +28,7 @@ def resolve_image_size(dataset: str, image_size: int | None = None) -> int:
     """The side length the pipelines of ``dataset`` produce (``image_size``, or the dataset's default)."""
     if dataset not in DEFAULT_IMAGE_SIZE:
         raise CKTFError(
-            f"no transform for dataset {dataset!r}; expected one of {', '.join(DEFAULT_IMAGE_SIZE)}"
+            f"unknown dataset {dataset!r} (data.name); expected one of {', '.join(DEFAULT_IMAGE_SIZE)}"
         )
     size = DEFAULT_IMAGE_SIZE[dataset] if image_size is None else image_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:

@@ -1,4 +1,5 @@
-"""Run logging: TensorBoard scalars, a progress bar and one summary line per epoch."""
+"""Run logging: TensorBoard scalars, a progress bar (or, off a terminal, a progress line every
+``log.progress_every`` seconds) and one summary line per epoch."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ class RunLogger:
     """Writes scalars to TensorBoard under the run directory (if enabled) and prints epoch summaries."""
 
     def __init__(self, run_path: Path, *, tensorboard: bool = True, progress: bool = True,
-                 purge_step: int | None = None, tag_map: Callable[[str], str] | None = None) -> None:
+                 purge_step: int | None = None, tag_map: Callable[[str], str] | None = None,
+                 progress_every: float = 0.0) -> None:
         self.progress = progress and sys.stderr.isatty()
+        self.progress_every = progress_every
         self.tag_map = tag_map or (lambda tag: tag)
         self.writer = None
         if tensorboard:
@@ -32,11 +35,19 @@ class RunLogger:
         for tag, value in values.items():
             self.writer.add_scalar(self.tag_map(tag), value, step)
 
-    def bar(self, iterable: Iterable, total: int, desc: str) -> Any:
-        return tqdm(iterable, total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
+    def bar(self, iterable: Iterable, total: int, desc: str, initial: int = 0) -> Any:
+        return tqdm(iterable, total=total, desc=desc, initial=initial, disable=not self.progress, leave=False,
+                    dynamic_ncols=True)
+
+    def lines_due(self, seconds_since_last: float) -> bool:
+        """Whether a progress line is due: no bar is shown and ``progress_every`` seconds have passed."""
+        return not self.progress and self.progress_every > 0 and seconds_since_last >= self.progress_every
 
     def info(self, message: str) -> None:
         log.info(message)
+
+    def warning(self, message: str) -> None:
+        log.warning(message)
 
     def flush(self) -> None:
         if self.writer is not None:

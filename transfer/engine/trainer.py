@@ -1,10 +1,12 @@
 """The training loop every stage runs.
 
-Each epoch reseeds the global RNGs and the data order from ``(seed, epoch)``, so
-a run resumed from its last end-of-epoch checkpoint continues exactly as an
-uninterrupted one would. Checkpoints (``last`` every epoch, ``best`` when the
-selection metric improves on a *validation* split) hold the task, optimizer,
-epoch, best-so-far and RNG states.
+Each epoch reseeds the global RNGs and the data order from ``(seed, epoch)``, so a run resumed from its
+last checkpoint continues exactly as an uninterrupted one would. Checkpoints (``last`` every epoch,
+``best`` when the selection metric improves on a *validation* split) hold the task, optimizer, epoch,
+best-so-far and RNG states. ``train.checkpoint_every`` and SIGINT/SIGTERM add checkpoints *inside* an
+epoch; they also hold how far the epoch got (batches, running loss sums), and resuming from one skips the
+batches already done (the epoch's data order is a function of the seed) and restores the RNG state of
+that step, so the final numbers equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from transfer.engine.runtime import (
     set_rng_state,
 )
 from transfer.engine.schedule import apply_lr, build_optimizer
+from transfer.engine.signals import StopRequest
 from transfer.engine.task import Task
-from transfer.errors import CKTFError
+from transfer.errors import CKTFError, RunInterrupted
 
 
 @dataclass
@@ -75,9 +78,12 @@ class Engine:
         self.best_epoch: int | None = None
         self.train_seconds = 0.0
         self.start_epoch = 0
+        self.progress: dict[str, Any] | None = None
+        self.resumed = False
 
     # -- state -----------------------------------------------------------------------------------------------
-    def state(self, epoch: int) -> dict[str, Any]:
+    def state(self, epoch: int, progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint: ``epoch`` completed epochs, plus ``progress`` inside the next one (mid-epoch saves)."""
         return {
             "task": self.task.checkpoint_state(),
             "optimizer": self.optimizer.state_dict(),
@@ -88,10 +94,11 @@ class Engine:
             "history": self.history,
             "train_seconds": self.train_seconds,
             "rng": rng_state(),
+            "progress": progress,
         }
 
     def load_state(self, ckpt: Checkpoint) -> None:
-        """Continue from a checkpoint written by this engine."""
+        """Continue from a checkpoint written by this engine (at the end of an epoch or inside one)."""
         state = ckpt.state
         try:
             self.task.load_checkpoint_state(state["task"])
@@ -102,6 +109,7 @@ class Engine:
         except (KeyError, RuntimeError, ValueError) as err:
             raise CKTFError(f"cannot resume from {ckpt.path}: it does not match this run's model "
                             f"({str(err).splitlines()[0]})") from None
+        self.resumed = True
         self.start_epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.best_epoch = state["best"]["epoch"]
@@ -109,13 +117,18 @@ class Engine:
         self.history = list(state["history"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         set_rng_state(state["rng"])
+        self.progress = state.get("progress")
+        if self.progress is not None:
+            self.progress["rng"] = state["rng"]
 
-    def _save(self, epoch: int, improved: bool) -> None:
+    def _save(self, epoch: int, improved: bool, progress: dict[str, Any] | None = None) -> None:
         meta = dict(self.metadata, epoch=str(epoch))
-        state = self.state(epoch)
-        save_checkpoint(self.run.last, state, meta)
+        state = self.state(epoch, progress)
+        # best before last: a kill between the two leaves last one epoch behind, and the resumed epoch
+        # rewrites best; the other order could leave a best older than last records
         if improved:
             save_checkpoint(self.run.best, state, meta)
+        save_checkpoint(self.run.last, state, meta)
 
     # -- loop ------------------------------------------------------------------------------------------------
     def fit(self, train_loader: DataLoader, eval_loaders: Mapping[str, DataLoader] | None = None,
@@ -125,6 +138,8 @@ class Engine:
 
         ``augment`` maps each training batch of images, once on the device, to the network's input (the
         batched augmentation of ``data.augment batched``); its randomness is reseeded with the epoch's.
+        SIGINT/SIGTERM, and ``train.checkpoint_every``, save a checkpoint after the current step; a signal then
+        raises :class:`RunInterrupted`.
         """
         eval_loaders = dict(eval_loaders or {})
         if select is not None and select.split("/")[0] not in eval_loaders:
@@ -133,45 +148,63 @@ class Engine:
             raise CKTFError("the training split is smaller than one batch; lower train.batch_size")
         if self.cfg.epochs == 0 and self.start_epoch == 0:
             self._save(0, improved=True)
-        for epoch in range(self.start_epoch, self.cfg.epochs):
-            seed = derive_seed(self.cfg.seed, epoch)
-            seed_everything(seed)
-            if getattr(train_loader, "generator", None) is not None:
-                train_loader.generator.manual_seed(seed)
-            lr = apply_lr(self.cfg, self.optimizer, epoch)
-            t0 = time.perf_counter()
-            train_metrics = self._train_epoch(train_loader, epoch, augment)
-            seconds = time.perf_counter() - t0
-            self.train_seconds += seconds
-            images = train_metrics.pop("_images")
-            row: dict[str, float] = {"epoch": epoch + 1, "lr": lr, **train_metrics,
-                                     "train/images_per_s": images / seconds}
-            for split, loader in eval_loaders.items():
-                self.task.eval()
-                for name, value in self.task.evaluate(loader, self.device, self.autocast).items():
-                    row[f"{split}/{name}"] = value
-            improved = False
-            if select is not None:
-                value = row.get(select)
-                if value is not None and (self.best_value is None or value > self.best_value):
-                    self.best_value, self.best_epoch, improved = value, epoch + 1, True
-            self.history.append(row)
-            self.logger.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
-            self.logger.flush()
-            self._save(epoch + 1, improved)
-            self.logger.info(_summary(row, self.cfg.epochs))
+        with StopRequest() as stop:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                seed = derive_seed(self.cfg.seed, epoch)
+                seed_everything(seed)
+                if getattr(train_loader, "generator", None) is not None:
+                    train_loader.generator.manual_seed(seed)
+                lr = apply_lr(self.cfg, self.optimizer, epoch)
+                progress, self.progress = self.progress, None
+                train_metrics = self._train_epoch(train_loader, epoch, augment, stop, progress)
+                seconds = train_metrics.pop("_seconds")
+                self.train_seconds += seconds
+                images = train_metrics.pop("_images")
+                row: dict[str, float] = {"epoch": epoch + 1, "lr": lr, **train_metrics,
+                                         "train/images_per_s": images / max(seconds, 1e-9)}
+                for split, loader in eval_loaders.items():
+                    self.task.eval()
+                    for name, value in self.task.evaluate(loader, self.device, self.autocast).items():
+                        row[f"{split}/{name}"] = value
+                improved = False
+                if select is not None:
+                    value = row.get(select)
+                    if value is not None and (self.best_value is None or value > self.best_value):
+                        self.best_value, self.best_epoch, improved = value, epoch + 1, True
+                self.history.append(row)
+                self.logger.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
+                self.logger.flush()
+                self._save(epoch + 1, improved)
+                self.logger.info(_summary(row, self.cfg.epochs))
+                if stop.signum is not None and epoch + 1 < self.cfg.epochs:
+                    raise RunInterrupted(stop.signum, self.run.last, epoch + 2, 0)
         result = FitResult(self.history, self.best_epoch, self.best_value, self.train_seconds)
         return result
 
-    def _train_epoch(self, loader: DataLoader, epoch: int,
-                     augment: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, float]:
+    def _train_epoch(self, loader: DataLoader, epoch: int, augment: Callable[[torch.Tensor], torch.Tensor] | None,
+                     stop: StopRequest, progress: dict[str, Any] | None) -> dict[str, float]:
+        """One epoch, from the start or from a mid-epoch checkpoint's ``progress``; returns its metrics."""
         self.task.train()
         sums: dict[str, torch.Tensor] = {}
         window: dict[str, torch.Tensor] = {}
-        window_steps = 0
-        images_seen = 0
-        start = time.perf_counter()
-        bar = self.logger.bar(loader, total=len(loader), desc=f"epoch {epoch + 1}/{self.cfg.epochs}")
+        window_steps = done = 0
+        images_seen, before = 0.0, 0.0
+        if progress is not None:
+            done, images_seen, before = int(progress["batches"]), float(progress["images"]), progress["seconds"]
+            sums = {k: v.to(self.device) for k, v in progress["sums"].items()}
+            skip = getattr(loader.sampler, "skip", None)
+            if skip is None:
+                raise CKTFError("this training loader cannot resume inside an epoch (its sampler has no skip)")
+            skip(done * int(loader.batch_size))
+            set_rng_state(progress["rng"])
+            if loader.num_workers > 0 and getattr(loader, "random_items", False):
+                self.logger.warning("resuming inside an epoch with per-image augmentation in loader workers: the "
+                                    "rest of this epoch's augmentation differs from an uninterrupted run")
+        every_steps, every_seconds = self.cfg.checkpoint_interval
+        start = last_save = last_line = time.perf_counter()
+        total = len(loader)
+        bar = self.logger.bar(loader, total=total, initial=done, desc=f"epoch {epoch + 1}/{self.cfg.epochs}")
+        batch = done
         for images, targets, indices in bar:
             images = images.to(self.device, non_blocking=True)
             if augment is not None:
@@ -185,26 +218,41 @@ class Engine:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step += 1
+            batch += 1
             images_seen += images.shape[0]
             terms = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.terms.items()}}
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value.float()
                 window[key] = window.get(key, 0.0) + value.float()
             window_steps += 1
+            now = time.perf_counter()
             if self.step % self.log_every == 0:
                 means = {f"train/{k}": (v / window_steps).item() for k, v in window.items()}
                 if not math.isfinite(means["train/loss"]):
                     raise CKTFError(f"training diverged at epoch {epoch + 1}, step {self.step} (loss is "
                                     f"{means['train/loss']}); lower train.lr")
                 self.logger.scalars(means, self.step)
-                rate = images_seen / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(loss=f"{means['train/loss']:.4f}", img_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{means['train/loss']:.4f}", img_s=f"{images_seen / (before + now - start):.0f}")
                 window, window_steps = {}, 0
-        steps = max(1, len(loader))
+            if self.logger.lines_due(now - last_line):
+                last_line = now
+                self.logger.info(f"epoch {epoch + 1}/{self.cfg.epochs}  batch {batch}/{total}  loss "
+                                 f"{(sums['loss'] / batch).item():.4f}  "
+                                 f"{images_seen / (before + now - start):.0f} img/s")
+            due = (every_steps and self.step % every_steps == 0) or (every_seconds and now - last_save >= every_seconds)
+            if batch < total and (due or stop.signum is not None):
+                seconds = before + now - start
+                self._save(epoch, False, {"batches": batch, "images": images_seen, "seconds": seconds,
+                                          "sums": {k: v.detach().cpu() for k, v in sums.items()}})
+                last_save = now
+                if stop.signum is not None:
+                    raise RunInterrupted(stop.signum, self.run.last, epoch + 1, batch)
+        steps = max(1, total)
         metrics = {f"train/{k}_epoch": (v / steps).item() for k, v in sums.items()}
         if not math.isfinite(metrics["train/loss_epoch"]):
             raise CKTFError(f"training diverged in epoch {epoch + 1} (loss is not finite); lower train.lr")
-        metrics["_images"] = float(images_seen)
+        metrics["_images"] = images_seen
+        metrics["_seconds"] = before + time.perf_counter() - start
         return metrics
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import os
+import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,10 +15,12 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
+from transfer import __version__
 from transfer.config import DataConfig, config_to_dict, dump_config
 from transfer.data import build_dataset
 from transfer.data.batch_augment import BatchTransform, build_batch_transform
 from transfer.data.indexed import IndexedSubset, holdout_split
+from transfer.data.order import EpochSampler
 from transfer.data.transforms import build_decode_transform, build_transform
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.engine.logger import RunLogger
@@ -23,8 +30,9 @@ from transfer.engine.trainer import Engine
 from transfer.errors import CKTFError
 
 # Keys that may differ between an interrupted run and its --resume (they do not change the result).
-RESUME_MAY_CHANGE = ("train.epochs", "train.threads", "train.device", "data.root", "data.num_workers",
-                     "log.progress", "log.root", "train.eval_batch_size", "train.channels_last", "train.compile")
+RESUME_MAY_CHANGE = ("train.threads", "train.device", "data.root", "data.num_workers", "train.eval_batch_size",
+                     "train.channels_last", "train.compile", "train.checkpoint_every", "log.progress", "log.root",
+                     "log.progress_every", "log.log_every", "log.tensorboard")
 # Keys added after runs were first written, with the value a config.yaml without them implies.
 IMPLIED_BY_OLDER_RUNS = {"data.augment": "per_image"}
 
@@ -91,6 +99,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
                 random_items: bool = True) -> DataLoader:
     """A DataLoader with its own generator (reseeded by the engine every epoch for exact resumes).
 
+    A training loader visits the data through an :class:`EpochSampler`, so a run can resume inside an epoch.
+
     Memory is pinned only for CUDA. Workers persist across epochs, except for a training loader whose
     items are random (``random_items``: per-image augmentation), because a persistent worker would carry
     its RNG state into the next epoch instead of being reseeded from ``(seed, epoch)``, and a resumed run
@@ -99,20 +109,28 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
     workers: dict[str, Any] = {}
     if num_workers > 0:
         workers = {"persistent_workers": not (train and random_items), "prefetch_factor": 4}
-    return DataLoader(
+    generator = torch.Generator() if train else None
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=EpochSampler(len(dataset), generator) if train else None,
         drop_last=train and len(dataset) >= batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator() if train else None,
+        generator=generator,
         **workers,
     )
+    loader.random_items = random_items
+    return loader
 
 
-def write_run_config(run: RunDir, cfg: Any, *, resume: bool) -> None:
-    """Save the resolved config; on resume, refuse a config that would change the run's result."""
+def write_run_config(run: RunDir, cfg: Any, *, resume: bool, allow_change: tuple[str, ...] = ()) -> None:
+    """Save the resolved config; on resume, refuse a config that would change the run's result.
+
+    Keys in :data:`RESUME_MAY_CHANGE` never change the result and may differ; any other difference is refused,
+    all differing keys listed, unless named in ``allow_change`` (``--allow-change KEY``, e.g. ``train.epochs``
+    to extend a finished run). Every accepted difference is recorded in ``resumes.jsonl``.
+    """
     if resume and run.config.is_file():
         saved = {**IMPLIED_BY_OLDER_RUNS, **_flatten(yaml.safe_load(run.config.read_text()) or {})}
         now = _flatten(config_to_dict(cfg))
@@ -120,13 +138,49 @@ def write_run_config(run: RunDir, cfg: Any, *, resume: bool) -> None:
         may_change = set(RESUME_MAY_CHANGE)
         if now.get("data.augment") == "per_image":
             may_change.discard("data.num_workers")
-        for key in sorted(set(saved) | set(now)):
-            if key in may_change:
-                continue
-            if saved.get(key) != now.get(key):
-                raise CKTFError(f"--resume with a different config: '{key}' was {saved.get(key)!r} in "
-                                f"{run.config}, now {now.get(key)!r}; resume with the original settings")
-    write_text_atomic(run.config, dump_config(cfg))
+        changed = {key: (saved.get(key), now.get(key)) for key in sorted(set(saved) | set(now))
+                   if saved.get(key) != now.get(key)}
+        refused = [key for key in changed if key not in may_change and key not in allow_change]
+        if refused:
+            listed = ", ".join(f"{key} ({changed[key][0]!r} -> {changed[key][1]!r})" for key in refused)
+            raise CKTFError(f"--resume with a different config than {run.config}: {listed}; resume with the "
+                            f"original settings, or pass --allow-change KEY for each key you mean to change "
+                            f"(e.g. --allow-change train.epochs to extend a run)")
+        if changed:
+            record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "changed": {key: {"was": old, "now": new} for key, (old, new) in changed.items()},
+                      "allowed_by_flag": sorted(set(changed) & set(allow_change))}
+            previous = run.resumes.read_text() if run.resumes.is_file() else ""
+            write_text_atomic(run.resumes, previous + json.dumps(record) + "\n")
+    write_text_atomic(run.config, config_header() + dump_config(cfg))
+
+
+def config_header() -> str:
+    """Comment lines on top of a saved ``config.yaml``: when, and with which package versions."""
+    lines = [f"# written by cktf {__version__} on {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
+             "# " + ", ".join(f"{name} {version}" for name, version in package_versions().items())]
+    return "\n".join(lines) + "\n"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages whose behaviour a run's numbers depend on."""
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "faiss-cpu", "faiss-gpu", "safetensors"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if torch.version.cuda:
+        versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def record_resolved(cfg: Any, device: torch.device, data_root: str | os.PathLike | None) -> None:
+    """Replace ``auto``/``null``/0 in ``cfg`` by what the run actually uses: device, data root, thread count."""
+    cfg.train.device = str(device)
+    cfg.train.threads = torch.get_num_threads()
+    if data_root is not None:
+        cfg.data.root = str(data_root)
 
 
 def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
@@ -139,21 +193,41 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def open_run(root: str, name: str, cfg: Any, task: Task, device: torch.device, metadata: dict[str, str], *,
-             resume: bool, overwrite: bool, tag_map: Callable[[str], str] | None = None) -> Engine:
-    """Create (or reopen, with ``resume``) the run directory and return an engine ready to ``fit``.
+@dataclass(frozen=True)
+class RunRequest:
+    """How the user asked to start a run: ``--resume``, ``--overwrite``, ``--allow-change KEY``…"""
 
-    ``cfg`` is the stage's whole config (saved as ``config.yaml`` and in checkpoint metadata); its ``train``
-    and ``log`` sections configure the engine and the logger.
+    resume: bool = False
+    overwrite: bool = False
+    allow_change: tuple[str, ...] = ()
+
+
+def open_run(path: str | os.PathLike, option: str, cfg: Any, task: Task, device: torch.device,
+             metadata: dict[str, str], request: RunRequest, *, describe: str,
+             data_root: str | os.PathLike | None = None, tag_map: Callable[[str], str] | None = None) -> Engine:
+    """Create (or reopen, to resume) the run directory ``path`` and return an engine ready to ``fit``.
+
+    ``cfg`` is the stage's whole config (saved, with the values actually used, as ``config.yaml`` and in
+    checkpoint metadata); its ``train`` and ``log`` sections configure the engine and the logger. ``option``
+    names the config key(s) that chose ``path``; ``describe`` is the start line's account of what runs.
+    A run directory without a checkpoint starts afresh even with ``--resume``.
     """
-    run = prepare_run_dir(root, name, resume=resume, overwrite=overwrite)
-    ckpt = load_checkpoint(run.last) if resume else None
-    write_run_config(run, cfg, resume=resume)
+    run = prepare_run_dir(path, resume=request.resume, overwrite=request.overwrite, option=option)
+    resuming = request.resume and run.last.is_file()
+    ckpt = load_checkpoint(run.last) if resuming else None
+    record_resolved(cfg, device, data_root)
+    write_run_config(run, cfg, resume=resuming, allow_change=request.allow_change)
     logger = RunLogger(run.path, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, tag_map=tag_map,
-                       purge_step=int(ckpt.state["step"]) + 1 if ckpt is not None else None)
-    engine = Engine(task, cfg.train, run, logger, device, {**metadata, "config": dump_config(cfg)},
+                       purge_step=int(ckpt.state["step"]) + 1 if ckpt is not None else None,
+                       progress_every=cfg.log.progress_every)
+    engine = Engine(task, cfg.train, run, logger, device,
+                    {**metadata, "config": dump_config(cfg), "versions": json.dumps(package_versions())},
                     log_every=cfg.log.log_every)
+    logger.info(f"{describe} | {device}, {cfg.train.precision}, {cfg.train.threads} threads | {run.path}")
     if ckpt is not None:
         engine.load_state(ckpt)
-        logger.info(f"resuming {run.path} after epoch {engine.start_epoch}")
+        where = f"epoch {engine.start_epoch}"
+        if engine.progress is not None:
+            where = f"batch {engine.progress['batches']} of epoch {engine.start_epoch + 1}"
+        logger.info(f"resuming {run.path} after {where}")
     return engine

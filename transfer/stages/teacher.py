@@ -11,15 +11,15 @@ import time
 
 from transfer.config import TeacherConfig
 from transfer.engine.performance import check_runtime
-from transfer.engine.rundir import write_json
+from transfer.engine.rundir import run_path, write_json
 from transfer.engine.runtime import resolve_device, seed_everything, set_threads
 from transfer.engine.trainer import FitResult
 from transfer.models import build_model
-from transfer.stages.common import build_splits, make_loader, open_run
+from transfer.stages.common import RunRequest, build_splits, make_loader, open_run
 from transfer.tasks import SupervisedTask
 
 
-def train_teacher(cfg: TeacherConfig, *, resume: bool = False, overwrite: bool = False) -> FitResult:
+def train_teacher(cfg: TeacherConfig, request: RunRequest = RunRequest()) -> FitResult:
     """Train the teacher described by ``cfg`` into ``<log.root>/<log.name>``."""
     set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
@@ -36,7 +36,12 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = False, overwrite: bool =
         "taps": json.dumps(cfg.model.taps),
         "dataset": cfg.data.name,
     }
-    engine = open_run(cfg.log.root, cfg.log.name, cfg, task, device, metadata, resume=resume, overwrite=overwrite)
+    evaluated = (("val", splits.val), ("test", splits.test))
+    sizes = ", ".join(f"{name} {len(ds)}" for name, ds in evaluated if ds is not None)
+    describe = (f"train-teacher: {cfg.model.name} on {cfg.data.name}/{cfg.data.train_split} ({len(splits.train)} "
+                f"images{', ' + sizes if sizes else ''})")
+    engine = open_run(run_path(cfg.log.root, cfg.log.name), "log.root/log.name", cfg, task, device, metadata, request,
+                      describe=describe, data_root=getattr(splits.train, "root", None))
     run = engine.run
     workers = cfg.data.num_workers
     train_loader = make_loader(splits.train, cfg.train.batch_size, train=True, num_workers=workers, device=device,

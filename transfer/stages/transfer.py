@@ -16,7 +16,7 @@ from transfer.config import TransferConfig
 from transfer.data import build_dataset
 from transfer.data.transforms import build_transform
 from transfer.engine.performance import check_runtime, prepare_network
-from transfer.engine.rundir import write_json
+from transfer.engine.rundir import run_path, write_json
 from transfer.engine.runtime import resolve_device, seed_everything, set_threads
 from transfer.engine.trainer import FitResult
 from transfer.errors import CKTFError
@@ -25,7 +25,7 @@ from transfer.losses.terms import TermContext, build_terms
 from transfer.models import FeatureTaps, TapSpec, build_model, tap_spec_for
 from transfer.models.checkpoints import freeze, load_network
 from transfer.sampling import build_sampler, cached_neighbour_table, file_sha256
-from transfer.stages.common import extract_features, make_loader, open_run, train_pipeline
+from transfer.stages.common import RunRequest, extract_features, make_loader, open_run, train_pipeline
 from transfer.tasks.transfer import TransferTask
 
 
@@ -39,7 +39,7 @@ def embed_pool(teacher: FeatureTaps, dataset, batch_size: int, device: torch.dev
     return extract_features(lambda images: teacher(images).penultimate, dataset, batch_size, device, workers)[0]
 
 
-def run_transfer(cfg: TransferConfig, *, resume: bool = False, overwrite: bool = False) -> FitResult:
+def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> FitResult:
     """Train the student of ``cfg`` into ``<log.root>/<log.name>``."""
     set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
@@ -111,10 +111,13 @@ def run_transfer(cfg: TransferConfig, *, resume: bool = False, overwrite: bool =
         "layer_mapping": json.dumps(mapping),
         "dataset": cfg.data.name,
     }
-    if cfg.loss.bank_init == "embed" and not resume:
-        place(task).fill_banks(DataLoader(probe_ds, batch_size=cfg.train.eval_batch_size,
+    describe = (f"transfer ({cfg.loss.method}): {teacher_net.name} -> {cfg.student.name} on "
+                f"{cfg.data.name}/{cfg.data.train_split} ({num_items} images)")
+    engine = open_run(run_path(cfg.log.root, cfg.log.name), "log.root/log.name", cfg, task, device, metadata, request,
+                      describe=describe, data_root=getattr(pool, "root", None))
+    if cfg.loss.bank_init == "embed" and not engine.resumed:
+        engine.task.fill_banks(DataLoader(probe_ds, batch_size=cfg.train.eval_batch_size,
                                           num_workers=cfg.data.num_workers), device)
-    engine = open_run(cfg.log.root, cfg.log.name, cfg, task, device, metadata, resume=resume, overwrite=overwrite)
     run = engine.run
     loader = make_loader(pool, cfg.train.batch_size, train=True, num_workers=cfg.data.num_workers, device=device,
                          random_items=augment is None)

@@ -1,0 +1,95 @@
+"""Preemption as a cluster or a user causes it: SIGINT, SIGTERM or SIGKILL at a random batch of a real
+`cktf` process, then `--resume` — the run must end bit-identical to an uninterrupted one."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli_helpers import invoke
+from tests.data_fixtures import write_fashion_idx
+from transfer.engine.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs/fashion_split"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("interrupts")
+    write_fashion_idx(root / "fashion", n_train=400, n_test=60)
+    code, out = invoke("train-teacher", "--config", str(CONFIGS / "teacher.yaml"), "--data.root", str(root / "fashion"),
+                       "--log.root", str(root / "runs"), "--log.name", "teacher", "--model.name", "resnet8",
+                       "--train.epochs", "0", "--log.tensorboard", "false")
+    assert code == 0, out
+    return root
+
+
+def stage_args(data: Path, stage: str, runs: Path) -> list[str]:
+    common = ["--data.root", str(data / "fashion"), "--log.root", str(runs), "--log.name", "run",
+              "--train.batch_size", "16", "--train.threads", "1", "--train.checkpoint_every", "3"]
+    if stage == "train-teacher":
+        return ["train-teacher", "--config", str(CONFIGS / "teacher.yaml"), *common, "--model.name", "resnet8",
+                "--train.epochs", "3", "--log.tensorboard", "false"]
+    return ["transfer", "--config", str(CONFIGS / "cktf.yaml"), *common, "--teacher",
+            str(data / "runs/teacher/best.safetensors"), "--train.epochs", "2", "--sampler.num_negatives", "64"]
+
+
+def cktf(signame: str, at: int, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "tests.signal_driver", signame, str(at), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def final_state(run: Path) -> tuple[dict, list]:
+    state = load_checkpoint(run / "last.safetensors").state
+    history = [{k: v for k, v in row.items() if not k.endswith("per_s")} for row in state["history"]]
+    return state["task"], history
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    states = {}
+    for stage in ("train-teacher", "transfer"):
+        runs = tmp_path_factory.mktemp(f"straight_{stage}")
+        done = cktf("SIGTERM", 0, stage_args(data, stage, runs))
+        assert done.returncode == 0, done.stderr
+        states[stage] = final_state(runs / "run")
+    return states
+
+
+@pytest.mark.parametrize("stage,signame", [("train-teacher", "SIGINT"), ("train-teacher", "SIGTERM"),
+                                           ("train-teacher", "SIGKILL"), ("transfer", "SIGTERM"),
+                                           ("transfer", "SIGKILL")])
+def test_signal_then_resume_equals_uninterrupted(data, uninterrupted, tmp_path, stage, signame):
+    batches = 3 * (11 + 2) if stage == "train-teacher" else 2 * 12
+    at = random.Random(f"{stage}{signame}").randint(2, batches - 2)
+    args = stage_args(data, stage, tmp_path)
+    stopped = cktf(signame, at, args)
+    signum = getattr(signal, signame)
+    if signame == "SIGKILL":
+        assert stopped.returncode == -signum
+    else:
+        assert stopped.returncode == 128 + signum, (at, stopped.stderr)
+        last = stopped.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"stopped by {signame}") and "Traceback" not in stopped.stderr, stopped.stderr
+        assert "continue with: cktf " in last and last.endswith("--resume")
+        saved = load_checkpoint(tmp_path / "run/last.safetensors").state
+        assert saved["step"] > 0
+    resumed = cktf("SIGTERM", 0, [*args, "--resume"])
+    assert resumed.returncode == 0, (at, resumed.stderr)
+    if signame != "SIGKILL":
+        epoch, batch = last.split(" at epoch ")[1].split(":")[0].split(", batch ")
+        where = f"batch {batch} of epoch {epoch}" if batch != "0" else f"epoch {int(epoch) - 1}"
+        assert f"resuming {tmp_path / 'run'} after {where}" in resumed.stderr, (last, resumed.stderr)
+    task, history = final_state(tmp_path / "run")
+    want_task, want_history = uninterrupted[stage]
+    assert history == want_history, at
+    assert task.keys() == want_task.keys()
+    for key in task:
+        assert torch.equal(task[key], want_task[key]), (at, key)
