@@ -2,11 +2,16 @@
 layer mapping. Every expectation is computed independently in the test (loops, hand-worked sizes)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.cli_helpers import invoke
+from tests.data_fixtures import write_fashion_idx
 from transfer.config import LossConfig
+from transfer.engine.checkpoint import load_checkpoint
 from transfer.errors import CKTFError
 from transfer.losses.layer_mapping import LayerMapper, batch_map_cosine, select_per_batch
 from transfer.losses.stage_features import StageFeatures
@@ -15,6 +20,8 @@ from transfer.models import FeatureTaps, TapOutputs, build_model, tap_spec_for
 from transfer.models.registry import reference_pool
 from transfer.sampling import build_sampler
 from transfer.tasks.transfer import TransferTask
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs/fashion_split"
 
 
 def by_hand(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -237,3 +244,65 @@ def test_reference_features_give_a_finite_loss_with_gradients():
     out.loss.backward()
     assert math.isfinite(out.loss.item())
     assert all(p.grad is not None for p in terms["mckt"].pairs["stage2"].head_student.parameters())
+
+
+# -- end to end: `cktf transfer` with the reference objective on a tiny Fashion-MNIST fixture ---------------------
+
+REFERENCE = ["--loss.layer_mapping", "random", "--loss.mapping_schedule", "per_batch", "--loss.stage_norm", "batch",
+             "--loss.stage_pool", "reference"]
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    write_fashion_idx(root / "fashion", n_train=300, n_test=60)
+    code, out = invoke("train-teacher", "--config", str(CONFIGS / "teacher.yaml"), "--data.root",
+                       str(root / "fashion"), "--log.root", str(root / "runs"), "--log.name", "teacher",
+                       "--model.name", "resnet14", "--train.epochs", "1", "--train.batch_size", "32",
+                       "--log.tensorboard", "false")
+    assert code == 0, out
+    return root
+
+
+def reference_transfer(root, name: str, *extra: str) -> list[str]:
+    teacher = str(root / "runs/teacher/best.safetensors")
+    return ["transfer", "--config", str(CONFIGS / "cktf.yaml"), "--teacher", teacher,
+            "--data.root", str(root / "fashion"), "--log.root", str(root / "runs"), "--log.name", name,
+            "--train.batch_size", "16", "--train.epochs", "2", "--sampler.num_negatives", "32", "--log.log_every", "1",
+            "--sampler.shared", "false", *REFERENCE, *extra]
+
+
+def test_reference_transfer_logs_the_moving_mapping_and_resumes_exactly(fashion):
+    code, out = invoke(*reference_transfer(fashion, "straight"))
+    assert code == 0, out
+    run = fashion / "runs/straight"
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    values = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if "mapping/" in tag}
+    assert set(values) >= {f"train/mapping/stage{i}" for i in (1, 2, 3)}
+    assert all(set(v) <= {0.0, 1.0} for k, v in values.items() if not k.endswith("_epoch"))  # resnet14: 2 blocks
+    assert len(set(values["train/mapping/stage1"])) > 1
+    ckpt = load_checkpoint(run / "last.safetensors")
+    assert ckpt.metadata["layer_mapping"] == '"per_batch"'
+    state = ckpt.state["task"]
+    steps = 2 * (len(state["terms.pckt.pair.objective.bank_student.weight"]) // 16)  # full batches only
+    assert int(state["terms.mckt.mapper.draws"]) == steps  # one draw per training step
+    linear = [v for k, v in state.items() if k.startswith("terms.mckt.pairs.stage1.head_student.") and v.dim() == 2]
+    assert [w.shape[1] for w in linear] == [16 * 9]  # a 28x28 map of 16 channels -> 3x3 cells
+
+    assert invoke(*reference_transfer(fashion, "split", "--train.epochs", "1"))[0] == 0
+    code, out = invoke(*reference_transfer(fashion, "split", "--resume"))
+    assert code == 0, out
+    resumed = load_checkpoint(fashion / "runs/split/last.safetensors").state["task"]
+    assert resumed.keys() == state.keys()
+    for key in state:
+        assert torch.equal(state[key], resumed[key]), key
+
+
+def test_help_names_the_reference_options():
+    code, out = invoke("transfer", "--help")
+    assert code == 0
+    for option in ("--loss.stage_norm", "--loss.stage_pool", "--loss.mapping_schedule"):
+        assert option in out
+    code, out = invoke("probe", "--help")
+    assert code == 0 and "--probe.standardize" in out
