@@ -12,6 +12,13 @@ Two recipes exist:
   reference pools its stem with the family pool too but never batch-normalises it (the stem objective
   reads the model's pooled ``f0``), and leaves the penultimate vector alone.
 
+Two details of the reference are not copied because they change nothing or only matter for pairs no
+published script uses. (1) It zero-pads the student's map to the teacher's channel count before the
+student head; zero inputs add nothing to a linear (or BatchNorm-then-linear, or MLP) head, so a head on
+the unpadded map computes the same function. (2) It picks the stage pool from the *student's* name and
+applies it to both maps (the stem uses each model's own pool); here each side uses its own model's
+``reference_pool``, which is the same whenever student and teacher are of one family.
+
 Batch normalisation makes a sample's embedding depend on its batch-mates (and on the batch size), which
 is why it is not the default. Pooling windows follow ``avg_pool2d`` without padding or ``ceil_mode``, as
 the reference: a 28×28 map gives a 3×3 grid and its last 4 rows and columns are dropped. Where a map is
