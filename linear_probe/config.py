@@ -24,6 +24,9 @@ class ProbeSectionConfig:
     label: str | None = option(None, help="method label in reports (default: the checkpoint's method, "
                                "'teacher', 'random_init' or 'pixels')")
     out: str | None = option(None, help="output directory (default: <checkpoint's run dir>/probe)")
+    standardize: bool = option(
+        True, help="standardise the features with the probe-train mean/std before the linear layer (one lr "
+        "fits every backbone); false: raw features, as the published CKTF code's fine-tuning")
     knn_k: int = option(20, help="neighbours of the kNN probe (0 disables it)", min=0)
     knn_temperature: float = option(0.07, help="temperature of the kNN probe's vote weights", min=1e-4)
 

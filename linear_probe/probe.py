@@ -1,4 +1,5 @@
-"""The linear probe: a standardising linear classifier on frozen features, trained by the shared engine."""
+"""The linear probe: a linear classifier (standardised inputs by default) on frozen features, trained by the shared
+engine."""
 
 from __future__ import annotations
 
@@ -18,10 +19,17 @@ class LinearProbe(nn.Module):
 
     Standardising makes one learning rate work for every backbone (penultimate features of different
     networks differ in scale by orders of magnitude) without adding anything learnable beyond the linear map.
+    Without ``mean``/``std`` the probe is a plain ``Linear(x)`` on the raw features (``probe.standardize
+    false``, the published CKTF code's protocol); the buffers then hold 0 and 1 so checkpoints keep one layout.
     """
 
-    def __init__(self, in_dim: int, num_classes: int, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def __init__(self, in_dim: int, num_classes: int, mean: torch.Tensor | None = None,
+                 std: torch.Tensor | None = None) -> None:
         super().__init__()
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std (standardised probe) or neither (raw features)")
+        mean = torch.zeros(in_dim) if mean is None else mean
+        std = torch.ones(in_dim) if std is None else std
         self.register_buffer("mean", mean.reshape(1, -1).float())
         self.register_buffer("std", std.reshape(1, -1).float().clamp_min(1e-6))
         self.linear = nn.Linear(in_dim, num_classes)

@@ -81,6 +81,36 @@ def test_probe_writes_curve_and_metrics_and_never_moves_the_student(student):
     assert {"probe/train_loss", "probe/knn_acc"} <= set(acc.Tags()["scalars"])
 
 
+def test_linear_probe_without_statistics_is_a_plain_linear_map():
+    x = torch.randn(5, 3) * 50 + 7
+    raw = LinearProbe(3, 2)
+    assert torch.allclose(raw(x), x @ raw.linear.weight.T + raw.linear.bias)
+    standardised = LinearProbe(3, 2, x.mean(0), x.std(0))
+    standardised.linear.load_state_dict(raw.linear.state_dict())
+    expected = ((x - x.mean(0)) / x.std(0)) @ raw.linear.weight.T + raw.linear.bias
+    assert torch.allclose(standardised(x), expected, atol=1e-5)
+    assert not torch.allclose(standardised(x), raw(x))
+    with pytest.raises(ValueError, match="mean and std"):
+        LinearProbe(3, 2, x.mean(0))
+
+
+def test_probe_on_raw_features(student, tmp_path):
+    """probe.standardize false (the reference protocol) trains on the raw penultimate features."""
+    runs = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        code, text = invoke(*probe_args(student, "--probe.standardize", flag, "--probe.out", str(out),
+                                        "--train.epochs", "2"))
+        assert code == 0, text
+        runs[flag] = (load_checkpoint(out / "last.safetensors").state["task"],
+                      json.loads((out / "metrics.json").read_text()))
+    raw_state, raw_metrics = runs["false"]
+    assert torch.equal(raw_state["probe.mean"], torch.zeros_like(raw_state["probe.mean"]))
+    assert torch.equal(raw_state["probe.std"], torch.ones_like(raw_state["probe.std"]))
+    assert raw_metrics["standardize"] is False and runs["true"][1]["standardize"] is True
+    assert not torch.equal(runs["true"][0]["probe.mean"], raw_state["probe.mean"])  # the default standardises
+
+
 def test_backbone_batchnorm_is_bit_identical_during_augment_probe(student, monkeypatch):
     from linear_probe import stage
 

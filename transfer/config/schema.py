@@ -160,6 +160,20 @@ class LossConfig:
         "embeddings of every item before training (meaningful positives from the first step)")
     layer_mapping: Literal["last", "first", "random", "largest", "smallest"] = option(
         "last", help="which teacher block of each stage pairs with the student's last block")
+    mapping_schedule: Literal["once", "per_batch"] = option(
+        "once", help="when random/largest/smallest choose: once (before training, from one calibration batch "
+        "and the untrained student; pooled per-sample cosine) or per_batch (on every training batch with the "
+        "current networks, cosine of the whole batch-normalised maps: what the published CKTF code does); the "
+        "chosen block of stage i is logged as train/mapping/stage<i>")
+    stage_norm: Literal["none", "batch"] = option(
+        "none", help="normalisation of each stage map before pooling: none (paper text) or batch (L2 norm "
+        "across the batch dimension, every (channel, y, x) entry divided by its norm over the batch: what the "
+        "published CKTF code does; couples the samples of a batch). Never applied to the stem or penultimate")
+    stage_pool: Literal["global", "reference"] = option(
+        "global", help="pooling of the stem and stage maps before the heads: global (average over H, W; paper "
+        "eq. 2) or reference (the published CKTF code's pool per model family: 8x8 average pool, stride 8, "
+        "then flatten for CIFAR-style ResNets/WRNs, e.g. C*16 values from a 32x32 map; global for VGG and "
+        "ImageNet-style ResNets)")
 
     def validate(self) -> None:
         if self.ce == 0 and self.mckt == 0 and self.pckt == 0 and self.kd == 0:

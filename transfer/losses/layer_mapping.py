@@ -15,6 +15,27 @@ shared leading channels scaled by the norms of the full vectors.
 
 The stems always pair with each other; stages pair one-to-one, so student and teacher need the same number
 of stages.
+
+**When** the choice is made is ``loss.mapping_schedule``:
+
+- ``once`` (the default): the rule above, on one calibration batch with the untrained student, before
+  training; the choice is fixed for the run (and stored in the checkpoint).
+- ``per_batch`` (what the published code, kaiqi123/CKTF ``distiller_zoo/ST.py``, does): re-decided on every
+  training batch with the current networks. ``random`` draws a block per stage and batch;
+  ``largest``/``smallest`` compare *whole* maps, not pooled vectors: both maps are L2-normalised across the
+  batch dimension, the narrower one's channels are zero-padded equally on both sides to the wider width
+  (an odd difference puts the extra zero channel at the end; the reference would stop there on an
+  assertion, and where the student is the wider map it crops the student instead of padding the teacher),
+  and the cosine is that of the two flattened ``[B, C, H, W]`` tensors. ``last``/``first`` do not
+  depend on the batch, so both schedules give the same pairs.
+
+Under ``per_batch`` each stage objective keeps one teacher head and one pair of memory banks, as the
+reference does: every block of a teacher stage has the same shape, so one head reads whichever block was
+chosen, and a bank row holds the embedding of the block chosen the last time that item was seen. (One head
+per candidate block would leave each head 1/n of the updates while the banks still mixed their outputs.)
+``random`` draws come from a generator seeded by ``(train.seed, number of draws so far)``; the counter
+is a buffer in the checkpoint, so ``--resume`` continues the same sequence without touching the global
+RNG that data order and augmentation use.
 """
 
 from __future__ import annotations
@@ -23,13 +44,17 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from transfer.errors import CKTFError
 from transfer.losses.projection import pool_flatten
+from transfer.losses.stage_features import batch_normalise
 from transfer.models.taps import TapOutputs
 
 Strategy = Literal["last", "first", "random", "largest", "smallest"]
 STRATEGIES: tuple[str, ...] = ("last", "first", "random", "largest", "smallest")
+Schedule = Literal["once", "per_batch"]
+SCHEDULES: tuple[str, ...] = ("once", "per_batch")
 
 
 def check_stage_counts(student_stages: int, teacher_stages: int, student: str, teacher: str) -> None:
@@ -85,3 +110,89 @@ def paired_features(student: TapOutputs, teacher: TapOutputs, blocks: list[int]
         t = teacher.stages[i] if block == -1 or teacher.blocks is None else teacher.blocks[i][block]
         pairs.append((f"stage{i + 1}", s, t))
     return pairs
+
+
+def pad_channels(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the channel dimension (dim 1) of ``x`` to ``width``: half before, the rest after."""
+    extra = width - x.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad {x.shape[1]} channels down to {width}")
+    before = extra // 2
+    padding = [0, 0] * (x.dim() - 2) + [before, extra - before]
+    return F.pad(x, padding)
+
+
+def batch_map_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The reference's per-batch similarity: cosine of the whole batch-normalised maps, channels padded.
+
+    Both maps are L2-normalised over the batch dimension, the narrower is zero-padded (:func:`pad_channels`)
+    to the wider channel count, and the result is ``<s, t> / max(|s|·|t|, 1e-8)`` over all entries.
+    """
+    if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
+        raise ValueError(f"per-batch layer mapping compares maps of equal batch and spatial size; got student "
+                         f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}")
+    width = max(student.shape[1], teacher.shape[1])
+    s = pad_channels(batch_normalise(student), width)
+    t = pad_channels(batch_normalise(teacher), width)
+    return (s * t).sum() / torch.clamp(s.norm() * t.norm(), min=1e-8)
+
+
+def select_per_batch(strategy: str, student: TapOutputs, teacher: TapOutputs,
+                     generator: torch.Generator | None = None) -> list[int]:
+    """Index of the teacher block for each stage under ``mapping_schedule per_batch`` (see module docstring)."""
+    if strategy not in ("largest", "smallest"):
+        return select_teacher_blocks(strategy, student, teacher, generator)
+    if teacher.blocks is None:
+        raise ValueError("teacher taps need with_blocks=True for this layer mapping")
+    choice: list[int] = []
+    for stage, blocks in enumerate(teacher.blocks):
+        sims = torch.stack([batch_map_cosine(student.stages[stage], block) for block in blocks])
+        choice.append(int(sims.argmax() if strategy == "largest" else sims.argmin()))
+    return choice
+
+
+class LayerMapper(nn.Module):
+    """Decides the teacher block of every stage: keeps a fixed choice (``once``) or re-decides it per batch.
+
+    The blocks in use live in the owner's ``mapping`` buffer (in the checkpoint: the fixed choice, or the
+    latest per-batch one), which :meth:`forward` reads and, when the choice moves, overwrites. For
+    per-batch ``random`` the mapper keeps a ``draws`` counter buffer, so a resumed run continues the same
+    sequence of draws.
+
+    Example::
+
+        mapper = LayerMapper("largest", "per_batch", seed=0)
+        blocks = mapper(student_taps, teacher_taps, mapping)    # e.g. [1, 3, 0, 3], recomputed per call
+    """
+
+    def __init__(self, strategy: str, schedule: str, seed: int = 0) -> None:
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown layer mapping strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown mapping schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        self.strategy, self.schedule, self.seed = strategy, schedule, int(seed)
+        if self.moves and strategy == "random":
+            self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+
+    @property
+    def moves(self) -> bool:
+        """Whether the choice can change from batch to batch (and is worth logging)."""
+        return self.schedule == "per_batch" and self.strategy in ("random", "largest", "smallest")
+
+    def _generator(self) -> torch.Generator:
+        draw = int(self.draws)
+        self.draws += 1
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + draw) % (2**63))
+
+    @torch.no_grad()
+    def forward(self, student: TapOutputs, teacher: TapOutputs, mapping: torch.Tensor) -> list[int]:
+        if not self.moves:
+            return mapping.tolist()
+        generator = self._generator() if self.strategy == "random" else None
+        choice = select_per_batch(self.strategy, student, teacher, generator)
+        mapping.copy_(torch.tensor(choice, dtype=mapping.dtype))
+        return choice
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.strategy!r}, schedule={self.schedule!r}"

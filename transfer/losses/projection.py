@@ -2,9 +2,10 @@
 
 CKTF eq. 2 pools each module's output ``[B, C, H, W]`` to ``[B, C]`` (global average pooling) before a
 small head maps it to the d-dimensional space where the NCE objectives compare student and teacher
-(CRD's ``Embed``). Normalisation is per sample (over features) only: the reference code normalised
-across the batch dimension (``dim=0``) before pooling, a bug that couples samples in a batch and makes
-an embedding depend on its batch-mates.
+(CRD's ``Embed``). Normalisation here is per sample (over features) only. The published code instead
+normalised stage maps across the batch dimension (``dim=0``) and pooled some families on an 8x8 grid;
+that recipe is available as ``loss.stage_norm batch`` / ``loss.stage_pool reference``
+(:mod:`transfer.losses.stage_features`), which hands the heads already-pooled vectors.
 
 Example::
 

@@ -5,6 +5,9 @@ place that maps a name to a builder ``(in_channels, num_classes) -> nn.Module`` 
 the :class:`TapSpec` factory that says where its stem/stages/penultimate/logits are.
 Parameter counts are tabulated in each family module's docstring.
 
+Each entry also declares how the published CKTF code pools this family's intermediate maps
+(``reference_pool``), so ``loss.stage_pool reference`` never has to guess a family from a name.
+
 Any torchvision classification model can be used as ``torchvision.<arch>`` (e.g.
 ``torchvision.resnet18``, ``torchvision.mobilenet_v3_small``): it is built with
 ``weights=None`` (nothing is ever downloaded) and 3 input channels. ResNets get default
@@ -30,22 +33,31 @@ from transfer.models.wrn import WideResNet
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """How to build a registered model and where to tap it."""
+    """How to build a registered model and where to tap it.
+
+    ``reference_pool`` is the average-pooling window (kernel = stride) the published CKTF code
+    (kaiqi123/CKTF, ``distiller_zoo/ST.py`` and the models' ``flatGroupOut``) applies to this family's
+    intermediate maps before flattening: 8 for the CIFAR-style ResNets and WRNs, whose own classifier
+    pool is an 8x8 ``AvgPool2d``; ``None`` (a global average pool) for VGG and the ImageNet-style ResNets.
+    """
 
     builder: Callable[[int, int], nn.Module]  # (in_channels, num_classes) -> model
     spec: Callable[[nn.Module], TapSpec]
     family: str
+    reference_pool: int | None = None
 
 
 MODELS: dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, builder: Callable[[int, int], nn.Module],
-                   spec: Callable[[nn.Module], TapSpec], family: str) -> None:
+                   spec: Callable[[nn.Module], TapSpec], family: str, reference_pool: int | None = None) -> None:
     """Add a model; names are unique so a config can never silently mean two networks."""
     if name in MODELS:
         raise ValueError(f"model {name!r} is already registered")
-    MODELS[name] = ModelEntry(builder, spec, family)
+    if reference_pool is not None and reference_pool < 1:
+        raise ValueError(f"reference_pool must be a positive window or None, got {reference_pool}")
+    MODELS[name] = ModelEntry(builder, spec, family, reference_pool)
 
 
 def _cifar(depth: int, wide: bool, in_channels: int, num_classes: int) -> nn.Module:
@@ -53,11 +65,11 @@ def _cifar(depth: int, wide: bool, in_channels: int, num_classes: int) -> nn.Mod
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):
-    register_model(f"resnet{_depth}", partial(_cifar, _depth, False), layout_spec, "resnet_cifar")
+    register_model(f"resnet{_depth}", partial(_cifar, _depth, False), layout_spec, "resnet_cifar", 8)
 for _depth in (8, 32):
-    register_model(f"resnet{_depth}x4", partial(_cifar, _depth, True), layout_spec, "resnet_cifar")
+    register_model(f"resnet{_depth}x4", partial(_cifar, _depth, True), layout_spec, "resnet_cifar", 8)
 for _depth, _widen in ((16, 2), (40, 1), (40, 2)):
-    register_model(f"wrn_{_depth}_{_widen}", partial(WideResNet, _depth, _widen), layout_spec, "wrn")
+    register_model(f"wrn_{_depth}_{_widen}", partial(WideResNet, _depth, _widen), layout_spec, "wrn", 8)
 for _name in CONVS_PER_GROUP:
     register_model(_name, partial(vgg, _name), layout_spec, "vgg")
 for _name in LAYOUTS:
@@ -107,6 +119,14 @@ def get_entry(name: str) -> ModelEntry:
         raise CKTFError(f"unknown model {name!r} (option model.name); choose one of: {', '.join(MODELS)}, or "
                        "torchvision.<arch>")
     return MODELS[name]
+
+
+def reference_pool(name: str) -> int | None:
+    """Pooling window of ``name``'s intermediate maps in the published CKTF code (``None``: global pool).
+
+    torchvision models count as ImageNet-style networks, which the reference pools globally.
+    """
+    return get_entry(name).reference_pool
 
 
 def _positive_int(value: object, option: str) -> int:

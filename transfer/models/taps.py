@@ -248,12 +248,8 @@ class FeatureTaps(nn.Module):
         )
 
     @torch.no_grad()
-    def channels(self, input_shape: tuple[int, int, int]) -> dict[str, Any]:
-        """Channel widths of every tap from a dry run on one ``input_shape`` (C, H, W) image.
-
-        Runs in eval mode without gradients and restores each module's previous mode.
-        ``blocks`` is ``[]`` when the spec names no blocks.
-        """
+    def _dry_run(self, input_shape: tuple[int, int, int]) -> TapOutputs:
+        """Outputs for one zero ``input_shape`` (C, H, W) image, in eval mode, blocks included when named."""
         if len(input_shape) != 3:
             raise CKTFError(f"input shape must be (channels, height, width), got {tuple(input_shape)}")
         taps = self
@@ -264,13 +260,38 @@ class FeatureTaps(nn.Module):
                         dtype=ref.dtype if ref is not None else None)
         with _kept_modes([*taps.modules(), *taps._extractor.modules()]):
             taps.eval()
-            out = taps(x)
+            return taps(x)
+
+    @torch.no_grad()
+    def channels(self, input_shape: tuple[int, int, int]) -> dict[str, Any]:
+        """Channel widths of every tap from a dry run on one ``input_shape`` (C, H, W) image.
+
+        Runs in eval mode without gradients and restores each module's previous mode.
+        ``blocks`` is ``[]`` when the spec names no blocks.
+        """
+        out = self._dry_run(input_shape)
         return {
             "stem": _width(out.stem),
             "stages": [_width(t) for t in out.stages],
             "blocks": [[_width(t) for t in stage] for stage in out.blocks or []],
             "penultimate": _width(out.penultimate),
             "logits": _width(out.logits),
+        }
+
+    @torch.no_grad()
+    def shapes(self, input_shape: tuple[int, int, int]) -> dict[str, Any]:
+        """Per-sample shapes (batch dimension dropped) of every tap, structured like :meth:`channels`.
+
+        Heads that flatten a spatially pooled map (``loss.stage_pool reference``) need the spatial size,
+        not only the width.
+        """
+        out = self._dry_run(input_shape)
+        return {
+            "stem": tuple(out.stem.shape[1:]),
+            "stages": [tuple(t.shape[1:]) for t in out.stages],
+            "blocks": [[tuple(t.shape[1:]) for t in stage] for stage in out.blocks or []],
+            "penultimate": tuple(out.penultimate.shape[1:]),
+            "logits": tuple(out.logits.shape[1:]),
         }
 
 

@@ -24,6 +24,7 @@ from transfer.losses.layer_mapping import check_stage_counts, select_teacher_blo
 from transfer.losses.terms import TermContext, build_terms
 from transfer.models import FeatureTaps, TapSpec, build_model, tap_spec_for
 from transfer.models.checkpoints import freeze, load_network
+from transfer.models.registry import reference_pool
 from transfer.sampling import build_sampler, cached_neighbour_table, file_sha256
 from transfer.stages.common import RunRequest, extract_features, make_loader, open_run, train_pipeline
 from transfer.tasks.transfer import TransferTask
@@ -37,6 +38,36 @@ def _spec(name: str, model: torch.nn.Module, taps: dict, option: str) -> TapSpec
 def embed_pool(teacher: FeatureTaps, dataset, batch_size: int, device: torch.device, workers: int) -> torch.Tensor:
     """The frozen teacher's penultimate features of every item (eval transform), as [N, C] float32 on CPU."""
     return extract_features(lambda images: teacher(images).penultimate, dataset, batch_size, device, workers)[0]
+
+
+def _initial_mapping(cfg: TransferConfig, student: FeatureTaps, teacher: FeatureTaps, dataset) -> list[int]:
+    """The teacher block of each stage to start from (and, for ``mapping_schedule once``, to keep).
+
+    ``once`` decides here, on a seeded calibration batch of 64 items with the untrained student. A choice
+    made per batch starts from the stages' last blocks; they only size the heads, which fit every block.
+    """
+    strategy = cfg.loss.layer_mapping
+    if cfg.loss.mapping_schedule == "per_batch" and strategy in ("random", "largest", "smallest"):
+        strategy = "last"
+    num_items = len(dataset)
+    calib_ids = torch.randperm(num_items, generator=torch.Generator().manual_seed(cfg.train.seed))[:64].tolist()
+    calib = torch.stack([dataset[i][0] for i in calib_ids])
+    student.eval()
+    with torch.no_grad():
+        return select_teacher_blocks(strategy, student(calib), teacher(calib),
+                                     torch.Generator().manual_seed(cfg.train.seed))
+
+
+def _check_per_batch_shapes(strategy: str, student: dict, teacher: dict) -> None:
+    """``largest``/``smallest`` per batch compare whole maps, so each stage's maps need one spatial size."""
+    if strategy not in ("largest", "smallest") or not teacher["blocks"]:
+        return
+    for i, (s_shape, blocks) in enumerate(zip(student["stages"], teacher["blocks"], strict=True)):
+        for t_shape in blocks:
+            if tuple(s_shape[1:]) != tuple(t_shape[1:]):
+                raise CKTFError(f"loss.mapping_schedule per_batch with loss.layer_mapping {strategy} compares whole "
+                                f"maps, but stage {i + 1} has student map {tuple(s_shape)} and teacher block "
+                                f"{tuple(t_shape)}; use mapping_schedule once")
 
 
 def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> FitResult:
@@ -72,13 +103,15 @@ def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> Fit
 
     probe_ds = build_dataset(cfg.data.name, cfg.data.train_split, cfg.data.root, eval_tf, **cfg.data.options)
     shape = tuple(probe_ds[0][0].shape)
-    calib_ids = torch.randperm(num_items, generator=torch.Generator().manual_seed(cfg.train.seed))[:64].tolist()
-    calib = torch.stack([probe_ds[i][0] for i in calib_ids])
-    student.eval()
-    with torch.no_grad():
-        mapping = select_teacher_blocks(cfg.loss.layer_mapping, student(calib), teacher(calib),
-                                        torch.Generator().manual_seed(cfg.train.seed))
-    ctx = TermContext(student.channels(shape), teacher.channels(shape), num_items, mapping)
+    student_shapes, teacher_shapes = student.shapes(shape), teacher.shapes(shape)
+    mapping = _initial_mapping(cfg, student, teacher, probe_ds)
+    if cfg.loss.mckt > 0 and cfg.loss.mapping_schedule == "per_batch":
+        _check_per_batch_shapes(cfg.loss.layer_mapping, student_shapes, teacher_shapes)
+    pools = ((reference_pool(cfg.student.name), reference_pool(teacher_net.name))
+             if cfg.loss.stage_pool == "reference" else (None, None))
+    ctx = TermContext(student.channels(shape), teacher.channels(shape), num_items, mapping,
+                      student_shapes=student_shapes, teacher_shapes=teacher_shapes, student_pool=pools[0],
+                      teacher_pool=pools[1], seed=cfg.train.seed)
     terms, weights = build_terms(cfg.loss, ctx)
 
     sampler = None
@@ -108,7 +141,7 @@ def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> Fit
         "method": cfg.loss.method,
         "teacher": str(cfg.teacher.checkpoint),
         "teacher_model": teacher_net.name,
-        "layer_mapping": json.dumps(mapping),
+        "layer_mapping": json.dumps(mapping if cfg.loss.mapping_schedule == "once" else cfg.loss.mapping_schedule),
         "dataset": cfg.data.name,
     }
     describe = (f"transfer ({cfg.loss.method}): {teacher_net.name} -> {cfg.student.name} on "

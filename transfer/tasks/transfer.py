@@ -56,6 +56,7 @@ class TransferTask(Task):
             losses = term(batch)
             total = total + self.weights[name] * sum(losses.values())
             logged.update({key: value.detach() for key, value in losses.items()})
+            logged.update(term.diagnostics())  # logged, never added to the loss
         return StepOutput(total, logged)
 
     @torch.no_grad()
