@@ -203,3 +203,11 @@ def test_help_and_a_bad_config_do_not_import_torch(tmp_path):
         done = subprocess.run([sys.executable, "-c", probe, *args], cwd=tmp_path, capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
         assert done.stdout.strip().endswith("no torch"), (args, done.stdout, done.stderr)
+
+
+def test_the_resume_hint_is_the_same_command_without_overwrite():
+    from transfer.cli import resume_command
+
+    argv = ["/usr/bin/cktf", "transfer", "--config", "c y.yaml", "--overwrite", "--train.epochs", "3"]
+    assert resume_command(argv) == "cktf transfer --config 'c y.yaml' --train.epochs 3 --resume"
+    assert resume_command(["cktf", "demo", "--seeds", "3"], flag=False) == "cktf demo --seeds 3"

@@ -44,8 +44,9 @@ class CKTFGroup(click.Group):
                 raise
             raise click.ClickException(one_line(err)) from None
         except RunInterrupted as stop:
+            again = resume_command(sys.argv, flag=ctx.invoked_subcommand != "demo")
             click.echo(f"stopped by {signal.Signals(stop.signum).name} at epoch {stop.epoch}, batch {stop.batch}: "
-                       f"saved {stop.checkpoint}; continue with: {resume_command(sys.argv)}", err=True)
+                       f"saved {stop.checkpoint}; continue with: {again}", err=True)
             ctx.exit(stop.exit_code)
         except KeyboardInterrupt:
             if ctx.meta.get("cktf.debug"):
@@ -54,10 +55,11 @@ class CKTFGroup(click.Group):
             ctx.exit(128 + signal.SIGINT)
 
 
-def resume_command(argv: list[str]) -> str:
-    """The command line that resumes the run ``argv`` started: the same, without --overwrite, with --resume."""
+def resume_command(argv: list[str], flag: bool = True) -> str:
+    """The command line that resumes the run ``argv`` started: the same without --overwrite, plus --resume
+    (``flag``; ``cktf demo`` resumes its interrupted steps by itself)."""
     args = [a for a in argv[1:] if a != "--overwrite"]
-    if "--resume" not in args:
+    if flag and "--resume" not in args:
         args.append("--resume")
     return shlex.join(["cktf", *args])
 
