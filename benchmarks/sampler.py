@@ -91,8 +91,9 @@ from benchmarks.common import (  # noqa: E402
 from transfer.config import TransferConfig, load_config  # noqa: E402
 from transfer.data import build_dataset  # noqa: E402
 from transfer.data.transforms import build_transform  # noqa: E402
+from transfer.engine.frozen import Frozen  # noqa: E402
 from transfer.models import FeatureTaps, TapSpec, tap_spec_for  # noqa: E402
-from transfer.models.checkpoints import freeze, load_network  # noqa: E402
+from transfer.models.checkpoints import load_network  # noqa: E402
 from transfer.sampling import build_neighbour_table, build_sampler, default_nlist  # noqa: E402
 from transfer.stages.transfer import embed_pool  # noqa: E402
 
@@ -138,7 +139,7 @@ def teacher_features(checkpoint: Path, config: Path, overrides: list[str], devic
     net = load_network(checkpoint, prefix="model.", kinds=("teacher",), option="--features teacher:")
     taps = cfg.teacher.taps or net.taps
     spec = TapSpec.from_dict(taps, option="teacher.taps") if taps else tap_spec_for(net.name, net.model)
-    teacher = freeze(FeatureTaps(freeze(net.model), spec))
+    teacher = Frozen(FeatureTaps(net.model, spec))
     eval_tf = build_transform(cfg.data.name, train=False, image_size=cfg.data.image_size)
     pool = build_dataset(cfg.data.name, cfg.data.train_split, cfg.data.root, eval_tf, **cfg.data.options)
     return embed_pool(teacher.to(device), pool, cfg.train.eval_batch_size, device, cfg.data.num_workers)

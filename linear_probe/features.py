@@ -11,8 +11,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.data import Dataset
 
+from transfer.engine.frozen import Frozen
 from transfer.models import FeatureTaps, TapSpec, tap_spec_for
-from transfer.models.checkpoints import freeze
 
 
 class PenultimateFeatures(nn.Module):
@@ -20,11 +20,7 @@ class PenultimateFeatures(nn.Module):
 
     def __init__(self, model: nn.Module, spec: TapSpec) -> None:
         super().__init__()
-        self.taps = FeatureTaps(freeze(model), spec)
-        self.taps.eval()
-
-    def train(self, mode: bool = True) -> PenultimateFeatures:
-        return super().train(False)
+        self.taps = Frozen(FeatureTaps(model, spec))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

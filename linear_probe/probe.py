@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transfer.engine.frozen import freeze
 from transfer.engine.task import StepOutput, Task
 from transfer.tasks.supervised import evaluate_classifier
 
@@ -39,19 +40,15 @@ class LinearProbe(nn.Module):
 
 
 class ProbeTask(Task):
-    """Frozen ``backbone`` (identity for cached features) followed by a trainable :class:`LinearProbe`."""
+    """Frozen ``backbone`` (identity for cached features) followed by a trainable :class:`LinearProbe`.
+
+    Only the probe is trained and checkpointed: the backbone is :class:`~transfer.engine.frozen.Frozen`.
+    """
 
     def __init__(self, backbone: nn.Module, probe: LinearProbe) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone = freeze(backbone)
         self.probe = probe
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> ProbeTask:
-        super().train(mode)
-        self.backbone.eval()
-        return self
 
     def compile_targets(self) -> list[nn.Module]:
         return [self.backbone] if any(True for _ in self.backbone.parameters()) else []
@@ -66,9 +63,3 @@ class ProbeTask(Task):
 
     def evaluate(self, loader: DataLoader, device: torch.device, autocast: Any) -> dict[str, float]:
         return evaluate_classifier(self, loader, device, autocast)
-
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if k.startswith("probe.")}
-
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.probe.load_state_dict({k[len("probe."):]: v for k, v in state.items()})

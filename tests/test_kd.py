@@ -41,5 +41,5 @@ def test_fp32_under_autocast():
 def test_class_count_mismatch_names_both_sizes():
     with pytest.raises(CKTFError, match="student has 10 classes.*teacher has 200"):
         KDLoss()(torch.randn(2, 10), torch.randn(2, 200))
-    with pytest.raises(CKTFError, match="loss.kd_temperature"):
+    with pytest.raises(CKTFError, match="loss.terms.kd.temperature"):
         KDLoss(0.0)

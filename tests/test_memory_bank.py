@@ -78,9 +78,9 @@ def test_duplicate_indices_last_write_wins_deterministically():
 
 
 def test_bad_options_and_shapes_raise():
-    with pytest.raises(CKTFError, match="loss.nce_momentum"):
+    with pytest.raises(CKTFError, match="loss.nce.momentum"):
         MemoryBank(10, 4, momentum=-0.1)
-    with pytest.raises(CKTFError, match="loss.embed_dim"):
+    with pytest.raises(CKTFError, match="loss.nce.embed_dim"):
         MemoryBank(10, 0)
     bank = MemoryBank(10, 4)
     with pytest.raises(CKTFError, match=r"embeddings \[B, 4\].*\(2, 3\)"):

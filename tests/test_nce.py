@@ -201,7 +201,7 @@ def test_small_temperature_under_fp16_autocast_does_not_overflow():
 
 def test_tiny_temperature_that_overflows_float32_is_a_clear_error():
     nce, g_s, g_t, indices, negatives = make_case(temperature=1e-3)  # scores ~0.5 → exp(500)
-    with pytest.raises(CKTFError, match="loss.temperature"):
+    with pytest.raises(CKTFError, match="loss.nce.temperature"):
         nce(g_s, g_t, indices, negatives)
 
 
@@ -234,8 +234,8 @@ def test_backward_after_another_training_forward_is_refused():
     (lambda c: {**c, "negatives": torch.randint(0, N, (N + 3,))}, r"sampler\.num_negatives \(K=53\)"),
     (lambda c: {**c, "indices": c["indices"].clone().fill_(N)}, r"\[0, N\) with N=50.*to 50"),
     (lambda c: {**c, "negatives": c["negatives"].clone().fill_(-1)}, r"\[0, N\).*from -1"),
-    (lambda c: {**c, "g_s": torch.randn(B, D + 1)}, r"loss\.embed_dim \(d=8\).*student 9, teacher 8"),
-    (lambda c: {**c, "g_t": torch.randn(B, 4)}, r"loss\.embed_dim \(d=8\).*teacher 4"),
+    (lambda c: {**c, "g_s": torch.randn(B, D + 1)}, r"loss\.nce\.embed_dim \(d=8\).*student 9, teacher 8"),
+    (lambda c: {**c, "g_t": torch.randn(B, 4)}, r"loss\.nce\.embed_dim \(d=8\).*teacher 4"),
     (lambda c: {**c, "indices": c["indices"][:3]}, r"batch sizes"),
     (lambda c: {**c, "negatives": c["negatives"][:2]}, r"\[B, K\]"),
     (lambda c: {**c, "indices": c["indices"].float()}, r"integer"),
@@ -250,9 +250,9 @@ def test_bad_inputs_raise_one_line_errors(change, match):
 
 
 def test_constructor_rejects_bad_options():
-    with pytest.raises(CKTFError, match="loss.temperature"):
+    with pytest.raises(CKTFError, match="loss.nce.temperature"):
         NCEObjective(10, 4, temperature=0.0)
-    with pytest.raises(CKTFError, match="loss.nce_momentum"):
+    with pytest.raises(CKTFError, match="loss.nce.momentum"):
         NCEObjective(10, 4, momentum=1.5)
 
 

@@ -29,15 +29,18 @@ def test_configs_follow_the_published_code():
             cfg = read(f"{method}_vgg19_{student}.yaml")
             assert cfg["train"]["nesterov"] is False and cfg["train"]["momentum"] == 0.9
             assert cfg["teacher"]["checkpoint"].endswith("tinyimagenet_vgg19_teacher/last.safetensors")
-            assert cfg["loss"]["temperature"] == 0.07 and cfg["sampler"]["shared"] is False
+            assert cfg["loss"]["nce"]["temperature"] == 0.07 and cfg["sampler"]["shared"] is False
+            assert set(cfg["loss"]["terms"]) == {"kd": {"kd"}, "crd": {"pckt"}, "cktf": {"mckt", "pckt"}}[method]
     cktf = read("cktf_vgg19_vgg8.yaml")["loss"]
-    assert (cktf["mckt"], cktf["pckt"], cktf["stage_norm"], cktf["stage_pool"]) == (0.04, 1.0, "batch", "reference")
+    assert (cktf["terms"]["mckt"]["weight"], cktf["terms"]["pckt"]["weight"], cktf["nce"]["stage_norm"],
+            cktf["nce"]["stage_pool"]) == (0.04, 1.0, "batch", "reference")
     probe = read("probe.yaml")
     assert probe["probe"] == {"mode": "augment", "standardize": False, "knn_k": 20}
     assert (probe["train"]["epochs"], probe["train"]["milestones"], probe["train"]["batch_size"],
             probe["train"]["lr"], probe["train"]["nesterov"]) == (240, [150, 180, 210], 64, 0.05, False)
     compression = yaml.safe_load((REPO / "configs/compression/cktf_tinyimagenet_vgg19_vgg8.yaml").read_text())["loss"]
-    assert (compression["ce"], compression["pckt"], compression["mckt"]) == (1.0, 0.8, 0.1)
+    weights = {name: options["weight"] for name, options in compression["terms"].items()}
+    assert weights == {"ce": 1.0, "pckt": 0.8, "mckt": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,8 @@ def test_tinyimagenet_teacher_to_stl10_student_and_probe(teacher, student):
     assert code == 0, out
     run = root / f"runs/stl10_cktf_vgg19_{student}"
     saved = yaml.safe_load((run / "config.yaml").read_text())["loss"]
-    assert (saved["stage_norm"], saved["stage_pool"], saved["mapping_schedule"]) == ("batch", "reference", "per_batch")
+    assert (saved["nce"]["stage_norm"], saved["nce"]["stage_pool"], saved["terms"]["mckt"]["mapping_schedule"]) == (
+        "batch", "reference", "per_batch")
     ckpt = load_checkpoint(run / "last.safetensors")
     # stem + 4 VGG stages + penultimate = the paper's six objectives
     pairs = {k.split(".")[3] for k in ckpt.state["task"] if k.startswith("terms.mckt.pairs.")}

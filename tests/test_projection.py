@@ -54,12 +54,12 @@ def test_linear_head_equals_manual_projection():
 
 @pytest.mark.parametrize("out_dim", [8, 2048])
 def test_embed_dim_out_of_range(out_dim):
-    with pytest.raises(CKTFError, match=f"loss.embed_dim must be between 16 and 1024; got {out_dim}"):
+    with pytest.raises(CKTFError, match=f"loss.nce.embed_dim must be between 16 and 1024; got {out_dim}"):
         ProjectionHead(32, out_dim)
 
 
 def test_unknown_kind():
-    with pytest.raises(CKTFError, match="loss.projection"):
+    with pytest.raises(CKTFError, match="loss.nce.projection"):
         ProjectionHead(32, 16, "conv")  # type: ignore[arg-type]
 
 

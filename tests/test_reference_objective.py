@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.cli_helpers import invoke
 from tests.data_fixtures import write_fashion_idx
-from transfer.config import LossConfig
+from transfer.config import LossConfig, NCEConfig
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.errors import CKTFError
 from transfer.losses.layer_mapping import LayerMapper, batch_map_cosine, select_per_batch
@@ -87,24 +87,24 @@ def test_head_input_sizes_under_reference_pooling(size, expected):
     teacher = FeatureTaps(build_model("vgg8", 1, 5), tap_spec_for("vgg8"))
     shape = (1, size, size)
     s_shapes = student.shapes(shape)
-    ctx = TermContext(student.channels(shape), teacher.channels(shape), 10, [-1, -1, -1],
+    ctx = TermContext(student.channels(shape), teacher.channels(shape), 10,
                       student_shapes=s_shapes, teacher_shapes=teacher.shapes(shape), student_pool=8, teacher_pool=None)
-    terms, _ = build_terms(LossConfig(mckt=1.0, pckt=0.0, stage_pool="reference", stage_norm="batch"), ctx)
+    terms, _ = build_terms(LossConfig(nce=NCEConfig(stage_pool="reference", stage_norm="batch"), terms={"mckt": {"weight": 1.0}}), ctx)
     pairs = terms["mckt"].pairs
     assert {name: pairs[name].head_student.in_dim for name in expected} == expected
     assert pairs["stage1"].head_teacher.in_dim == 128  # VGG: global pool, channels only
     # the default keeps the pooled features: channels only
-    plain, _ = build_terms(LossConfig(mckt=1.0, pckt=0.0), ctx)
+    plain, _ = build_terms(LossConfig(terms={"mckt": {"weight": 1.0}}), ctx)
     assert plain["mckt"].pairs["stage1"].head_student.in_dim == 16
 
 
 def test_stem_is_pooled_like_the_stages_but_never_batch_normalised():
     student = FeatureTaps(build_model("resnet8", 1, 5), tap_spec_for("resnet8"))
     shape = (1, 16, 16)
-    ctx = TermContext(student.channels(shape), student.channels(shape), 10, [-1, -1, -1],
+    ctx = TermContext(student.channels(shape), student.channels(shape), 10,
                       student_shapes=student.shapes(shape), teacher_shapes=student.shapes(shape), student_pool=8,
                       teacher_pool=8)
-    terms, _ = build_terms(LossConfig(mckt=1.0, pckt=0.0, stage_pool="reference", stage_norm="batch"), ctx)
+    terms, _ = build_terms(LossConfig(nce=NCEConfig(stage_pool="reference", stage_norm="batch"), terms={"mckt": {"weight": 1.0}}), ctx)
     pairs = terms["mckt"].pairs
     assert not pairs["stem"].reduce_student.batch_norm and pairs["stem"].reduce_student.window == 8
     assert pairs["stage1"].reduce_student.batch_norm and pairs["stage2"].reduce_teacher.batch_norm
@@ -184,7 +184,7 @@ def resnet14_pair():
     student = FeatureTaps(build_model("resnet8", 1, 5), tap_spec_for("resnet8"))
     teacher = FeatureTaps(build_model("resnet14", 1, 5), tap_spec_for("resnet14"), with_blocks=True)
     shape = (1, 16, 16)
-    ctx = TermContext(student.channels(shape), teacher.channels(shape), 40, [1, 1, 1],
+    ctx = TermContext(student.channels(shape), teacher.channels(shape), 40,
                       student_shapes=student.shapes(shape), teacher_shapes=teacher.shapes(shape), student_pool=8,
                       teacher_pool=8, seed=3)
     return student, teacher, ctx
@@ -192,8 +192,8 @@ def resnet14_pair():
 
 def test_per_batch_mapping_is_logged_and_one_teacher_head_per_stage_reads_the_chosen_block():
     student, teacher, ctx = resnet14_pair()
-    cfg = LossConfig(mckt=1.0, pckt=0.0, layer_mapping="random", mapping_schedule="per_batch",
-                     stage_norm="batch", stage_pool="reference")
+    cfg = LossConfig(nce=NCEConfig(stage_norm="batch", stage_pool="reference"),
+                     terms={"mckt": {"weight": 1.0, "layer_mapping": "random", "mapping_schedule": "per_batch"}})
     terms, weights = build_terms(cfg, ctx)
     task = TransferTask(student, teacher, terms, weights, build_sampler("uniform", 40, 8))
     task.train()
@@ -216,7 +216,7 @@ def test_per_batch_mapping_is_logged_and_one_teacher_head_per_stage_reads_the_ch
 
 def test_static_mapping_logs_nothing_and_keeps_its_checkpoint_keys():
     student, teacher, ctx = resnet14_pair()
-    terms, weights = build_terms(LossConfig(mckt=1.0, pckt=0.0, layer_mapping="random"), ctx)
+    terms, weights = build_terms(LossConfig(terms={"mckt": {"weight": 1.0, "layer_mapping": "random"}}), ctx)
     task = TransferTask(student, teacher, terms, weights, build_sampler("uniform", 40, 8))
     out = task.training_step(torch.randn(4, 1, 16, 16), torch.full((4,), -1), torch.arange(4))
     assert not any(k.startswith("mapping/") for k in out.terms)
@@ -228,7 +228,7 @@ def test_per_batch_needs_one_shape_per_teacher_stage():
     student, teacher, ctx = resnet14_pair()
     blocks = [[(16, 16, 16), (16, 8, 8)], *ctx.teacher_shapes["blocks"][1:]]
     ctx.teacher_shapes = {**ctx.teacher_shapes, "blocks": blocks}
-    cfg = LossConfig(mckt=1.0, pckt=0.0, layer_mapping="largest", mapping_schedule="per_batch")
+    cfg = LossConfig(terms={"mckt": {"weight": 1.0, "layer_mapping": "largest", "mapping_schedule": "per_batch"}})
     with pytest.raises(CKTFError, match="mapping_schedule") as info:
         build_terms(cfg, ctx)
     assert "\n" not in str(info.value)
@@ -236,8 +236,9 @@ def test_per_batch_needs_one_shape_per_teacher_stage():
 
 def test_reference_features_give_a_finite_loss_with_gradients():
     student, teacher, ctx = resnet14_pair()
-    cfg = LossConfig(mckt=0.04, pckt=1.0, layer_mapping="largest", mapping_schedule="per_batch",
-                     stage_norm="batch", stage_pool="reference")
+    cfg = LossConfig(nce=NCEConfig(stage_norm="batch", stage_pool="reference"),
+                     terms={"mckt": {"weight": 0.04, "layer_mapping": "largest", "mapping_schedule": "per_batch"},
+                            "pckt": {"weight": 1.0}})
     terms, weights = build_terms(cfg, ctx)
     task = TransferTask(student, teacher, terms, weights, build_sampler("uniform", 40, 8))
     out = task.training_step(torch.randn(4, 1, 16, 16), torch.full((4,), -1), torch.arange(4))
@@ -248,8 +249,8 @@ def test_reference_features_give_a_finite_loss_with_gradients():
 
 # -- end to end: `cktf transfer` with the reference objective on a tiny Fashion-MNIST fixture ---------------------
 
-REFERENCE = ["--loss.layer_mapping", "random", "--loss.mapping_schedule", "per_batch", "--loss.stage_norm", "batch",
-             "--loss.stage_pool", "reference"]
+REFERENCE = ["--loss.terms.mckt.layer_mapping", "random", "--loss.terms.mckt.mapping_schedule", "per_batch",
+             "--loss.nce.stage_norm", "batch", "--loss.nce.stage_pool", "reference"]
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +303,9 @@ def test_reference_transfer_logs_the_moving_mapping_and_resumes_exactly(fashion)
 def test_help_names_the_reference_options():
     code, out = invoke("transfer", "--help")
     assert code == 0
-    for option in ("--loss.stage_norm", "--loss.stage_pool", "--loss.mapping_schedule"):
+    for option in ("--loss.nce.stage_norm", "--loss.nce.stage_pool", "--loss.terms", "cktf methods"):
         assert option in out
+    code, out = invoke("methods")
+    assert code == 0 and "--loss.terms.mckt.mapping_schedule" in out
     code, out = invoke("probe", "--help")
     assert code == 0 and "--probe.standardize" in out

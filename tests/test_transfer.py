@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.cli_helpers import invoke, one_line_error
 from tests.data_fixtures import write_fashion_idx
-from transfer.config import LossConfig
+from transfer.config import LossConfig, NCEConfig
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.losses.terms import TermContext, build_terms
 from transfer.models import FeatureTaps, build_model, tap_spec_for
@@ -132,8 +132,8 @@ def test_gradients_reach_student_and_heads_never_teacher():
     teacher_model = build_model("resnet14", 1, 5)
     teacher = FeatureTaps(teacher_model, tap_spec_for("resnet14"))
     shape = (1, 28, 28)
-    ctx = TermContext(student.channels(shape), teacher.channels(shape), num_items=50, mapping=[-1, -1, -1])
-    cfg = LossConfig(mckt=0.8, pckt=0.2, kd=1.0)
+    ctx = TermContext(student.channels(shape), teacher.channels(shape), num_items=50)
+    cfg = LossConfig(terms={"mckt": {"weight": 0.8}, "pckt": {"weight": 0.2}, "kd": {"weight": 1.0}})
     terms, weights = build_terms(cfg, ctx)
     task = TransferTask(student, teacher, terms, weights, build_sampler("uniform", 50, 8))
     task.train()
@@ -157,12 +157,12 @@ def test_fill_banks_writes_each_items_initial_embedding():
     student = FeatureTaps(build_model("resnet8", 1, 5), tap_spec_for("resnet8"))
     teacher = FeatureTaps(build_model("resnet8", 1, 5), tap_spec_for("resnet8"))
     shape = (1, 28, 28)
-    ctx = TermContext(student.channels(shape), teacher.channels(shape), num_items=12, mapping=[-1, -1, -1])
-    terms, weights = build_terms(LossConfig(mckt=0.8, pckt=0.2), ctx)
+    ctx = TermContext(student.channels(shape), teacher.channels(shape), num_items=12)
+    terms, weights = build_terms(LossConfig(nce=NCEConfig(bank_init="embed")), ctx)
     task = TransferTask(student, teacher, terms, weights, build_sampler("uniform", 12, 4))
     images = torch.randn(12, 1, 28, 28)
     data = [(images[i], -1, i) for i in range(12)]
-    task.fill_banks(torch.utils.data.DataLoader(data, batch_size=5), torch.device("cpu"))
+    assert task.init_phases(torch.utils.data.DataLoader(data, batch_size=5), torch.device("cpu")) == ["mckt", "pckt"]
     pair = terms["pckt"].pair
     task.eval()
     with torch.no_grad():

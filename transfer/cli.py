@@ -114,6 +114,7 @@ def cli(ctx: click.Context) -> None:
     \b
     1. cktf train-teacher   supervised teacher on a labeled source domain
     2. cktf transfer        KD / CRD / CKTF to a student on the unlabeled target
+                            (cktf methods: the loss terms and their options)
     3. cktf probe           linear probe of the frozen student on the target
     4. cktf compare         convergence curves and a table of several runs
 
@@ -187,9 +188,10 @@ def transfer_cmd(config_path: str, teacher_path: str | None, resume: bool, overw
                  allow_change: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Transfer a frozen teacher's knowledge to a student on the unlabeled target split.
 
-    The method is set by the loss weights (configs/*/{kd,crd,cktf,cktf_kd}.yaml). Writes last.safetensors
-    (student, projection heads, memory banks, Z), config.yaml, metrics.json and TensorBoard events (one
-    scalar per loss term) to <log.root>/<log.name>.
+    The method is the set of terms under loss.terms, each with its own options, e.g. --loss.terms.kd.weight
+    0.9 --loss.terms.kd.temperature 4 (configs/*/{kd,crd,cktf,cktf_kd}.yaml); `cktf methods` lists every term
+    and its options. Writes last.safetensors (student, projection heads, memory banks, Z), config.yaml,
+    metrics.json and TensorBoard events (one scalar per loss term) to <log.root>/<log.name>.
     """
     if teacher_path is not None:
         overrides = (*overrides, "--teacher.checkpoint", teacher_path)
@@ -275,6 +277,20 @@ def demo_cmd(runs_root: str, seeds: int, report: str, overrides: tuple[str, ...]
     click.echo(paths["md"].read_text())
     for kind, path in paths.items():
         click.echo(f"{kind}: {path}")
+
+
+@cli.command("methods")
+@verbosity_options
+def methods_cmd() -> None:
+    """List the loss terms a transfer can combine, with their options and papers.
+
+    A method is a set of terms in the config: loss.terms.<name>.<option> (YAML or --loss.terms.NAME.OPTION
+    VALUE). The contrastive terms share loss.nce (see `cktf transfer --help`).
+    """
+    from transfer.losses.terms import TERMS
+    from transfer.losses.terms.listing import describe_terms
+
+    click.echo(describe_terms(TERMS))
 
 
 @cli.command("models")

@@ -1,6 +1,7 @@
 """Typed, validated configuration loaded from YAML with command-line overrides."""
 
 from transfer.config.loader import (
+    build_section,
     config_from_dict,
     config_to_dict,
     describe_options,
@@ -14,6 +15,7 @@ from transfer.config.schema import (
     LogConfig,
     LossConfig,
     ModelConfig,
+    NCEConfig,
     SamplerConfig,
     TeacherConfig,
     TeacherRefConfig,
@@ -22,8 +24,9 @@ from transfer.config.schema import (
 )
 
 __all__ = [
-    "DataConfig", "LogConfig", "LossConfig", "ModelConfig", "SamplerConfig", "TeacherConfig", "TeacherRefConfig",
-    "TrainConfig", "TransferConfig",
-    "config_from_dict", "config_to_dict", "describe_options", "dump_config", "load_config", "option",
+    "DataConfig", "LogConfig", "LossConfig", "ModelConfig", "NCEConfig", "SamplerConfig", "TeacherConfig",
+    "TeacherRefConfig", "TrainConfig", "TransferConfig",
+    "build_section", "config_from_dict", "config_to_dict", "describe_options", "dump_config", "load_config",
+    "option",
     "parse_overrides",
 ]

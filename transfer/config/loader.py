@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -106,7 +107,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config type {tp!r}")
 
 
-def _suggest(name: str, choices: list[str], prefix: str) -> str:
+def suggest(name: str, choices: list[str], prefix: str) -> str:
+    """The tail of an "unknown key" message: the closest of ``choices``, or all of them (each ``prefix + choice``)."""
     close = difflib.get_close_matches(name, choices, n=1)
     if close:
         return f"; did you mean '{prefix}{close[0]}'?"
@@ -116,10 +118,14 @@ def _suggest(name: str, choices: list[str], prefix: str) -> str:
 def _build(cls: type[T], values: dict[str, Any], prefix: str, source: dict[str, str]) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    moved = getattr(cls, "moved_keys", {})
     for key in values:
         if key not in fields:
             where = source.get(f"{prefix}{key}", source.get("", "in the config"))
-            raise CKTFError(f"unknown config key '{prefix}{key}' {where}{_suggest(key, sorted(fields), prefix)}")
+            if key in moved:
+                raise CKTFError(f"config key '{prefix}{key}' {where} is the old form: {prefix}{key} is now "
+                                f"{moved[key]}")
+            raise CKTFError(f"unknown config key '{prefix}{key}' {where}{suggest(key, sorted(fields), prefix)}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         path = f"{prefix}{name}"
@@ -150,6 +156,20 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str, source: dict[str, 
     if check is not None:
         check()
     return obj
+
+
+def build_section(cls: type[T], values: Any, prefix: str, where: str = "in the config") -> T:
+    """Validate ``values`` (a mapping read from a free-form part of a config) into the dataclass ``cls``.
+
+    Used for sections whose schema is only known later, e.g. a loss term's options under
+    ``loss.terms.<name>`` (validated against the term's options dataclass when the stage builds the terms).
+    Errors are the loader's one-liners, naming each key as ``prefix + key`` (``prefix`` ends with a dot).
+    """
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise CKTFError(f"config key '{prefix.rstrip('.')}' {where}: expected a mapping of keys, got {values!r}")
+    return _build(cls, values, prefix, {"": where})
 
 
 def _check_range(path: str, value: Any, meta: dict, source: dict[str, str]) -> None:
@@ -218,12 +238,17 @@ def _parse_raw(raw: str, tp: Any) -> Any:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
-    if isinstance(value, str) and tp is float:
+    if isinstance(value, str) and (tp is float or (tp is None and _EXPONENT.fullmatch(raw.strip()))):
         try:
             return float(raw)  # YAML 1.1 reads '1e-9' (no dot) as a string
         except ValueError:
             return value
     return value
+
+
+# A number in exponent form without a dot ('1e-3'), which YAML 1.1 reads as a string: inside a free mapping
+# (e.g. loss.terms.<name>.<option>) the type is only known later, so such a value is read as a number.
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def apply_overrides(values: dict[str, Any], schema: type, overrides: list[tuple[str, str]],

@@ -7,7 +7,7 @@ their own (``teacher``, ``student``, ``loss``, ``sampler``, ``probe``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from transfer.config.loader import option
 from transfer.errors import CKTFError
@@ -139,32 +139,22 @@ class TeacherRefConfig:
 
 
 @dataclass
-class LossConfig:
-    """``L = γ·CE + α1·Σ_m L_MCKT + α2·L_PCKT + θ·L_distill`` — the method is the set of non-zero weights."""
+class NCEConfig:
+    """Settings shared by every contrastive term (CRD's NCE estimator), kept in one place (``loss.nce``).
 
-    method: str = option("cktf", help="label of the method in logs and reports (kd, crd, cktf, cktf_kd, …)")
-    ce: float = option(0.0, help="γ: cross-entropy weight; needs labels, 0 for unsupervised transfer", min=0.0)
-    mckt: float = option(0.8, help="α1: weight of the sum of intermediate-module contrastive terms", min=0.0)
-    pckt: float = option(0.2, help="α2: weight of the penultimate contrastive term (CRD alone = pckt only)",
-                         min=0.0)
-    kd: float = option(0.0, help="θ: weight of the KD term KL(softmax(T/ρ)‖softmax(S/ρ))·ρ²", min=0.0)
-    temperature: float = option(0.1, help="τ of the NCE objectives", min=1e-4)
-    kd_temperature: float = option(4.0, help="ρ of the KD term", min=1e-4)
+    The contrastive terms (``pckt``, ``mckt``, and any later one) read these; a term's own options live under
+    ``loss.terms.<name>``.
+    """
+
     embed_dim: int = option(128, help="d: projection output size", min=16, max=1024)
+    temperature: float = option(0.1, help="τ of the NCE objectives", min=1e-4)
+    momentum: float = option(0.5, help="memory-bank momentum", min=0.0, max=1.0)
     projection: Literal["linear", "bn_linear", "mlp"] = option(
         "linear", help="projection head g(·): linear (paper), bn_linear (non-affine BatchNorm of the pooled input, "
         "then linear) or mlp")
-    nce_momentum: float = option(0.5, help="memory-bank momentum", min=0.0, max=1.0)
     bank_init: Literal["random", "embed"] = option(
         "random", help="random: CRD's uniform-noise banks; embed: fill the banks with the networks' initial "
         "embeddings of every item before training (meaningful positives from the first step)")
-    layer_mapping: Literal["last", "first", "random", "largest", "smallest"] = option(
-        "last", help="which teacher block of each stage pairs with the student's last block")
-    mapping_schedule: Literal["once", "per_batch"] = option(
-        "once", help="when random/largest/smallest choose: once (before training, from one calibration batch "
-        "and the untrained student; pooled per-sample cosine) or per_batch (on every training batch with the "
-        "current networks, cosine of the whole batch-normalised maps: what the published CKTF code does); the "
-        "chosen block of stage i is logged as train/mapping/stage<i>")
     stage_norm: Literal["none", "batch"] = option(
         "none", help="normalisation of each stage map before pooling: none (paper text) or batch (L2 norm "
         "across the batch dimension, every (channel, y, x) entry divided by its norm over the batch: what the "
@@ -175,9 +165,59 @@ class LossConfig:
         "then flatten for CIFAR-style ResNets/WRNs, e.g. C*16 values from a 32x32 map; global for VGG and "
         "ImageNet-style ResNets)")
 
+
+def _paper_terms() -> dict[str, Any]:
+    return {"mckt": {"weight": 0.8}, "pckt": {"weight": 0.2}}
+
+
+_SEE = "see configs/fashion_split/{}.yaml"
+# Keys of the flat loss section used before terms were plugins, and where each one went.
+MOVED_LOSS_KEYS = {
+    "ce": "loss.terms.ce.weight; " + _SEE.format("cktf"),
+    "mckt": "loss.terms.mckt.weight; " + _SEE.format("cktf"),
+    "pckt": "loss.terms.pckt.weight; " + _SEE.format("crd"),
+    "kd": "loss.terms.kd.weight; " + _SEE.format("kd"),
+    "kd_temperature": "loss.terms.kd.temperature; " + _SEE.format("kd"),
+    "layer_mapping": "loss.terms.mckt.layer_mapping; " + _SEE.format("cktf"),
+    "mapping_schedule": "loss.terms.mckt.mapping_schedule; see configs/tinyimagenet_to_stl10/cktf_vgg19_vgg8.yaml",
+    "temperature": "loss.nce.temperature; " + _SEE.format("crd"),
+    "embed_dim": "loss.nce.embed_dim; " + _SEE.format("crd"),
+    "projection": "loss.nce.projection; " + _SEE.format("crd"),
+    "nce_momentum": "loss.nce.momentum; " + _SEE.format("crd"),
+    "bank_init": "loss.nce.bank_init; " + _SEE.format("crd"),
+    "stage_norm": "loss.nce.stage_norm; see configs/tinyimagenet_to_stl10/cktf_vgg19_vgg8.yaml",
+    "stage_pool": "loss.nce.stage_pool; see configs/tinyimagenet_to_stl10/cktf_vgg19_vgg8.yaml",
+}
+
+
+@dataclass
+class LossConfig:
+    """The objective: a weighted sum of loss terms, each named under ``terms`` with its own options.
+
+    A method is its set of terms: KD is ``kd``, CRD is ``pckt``, CKTF is ``mckt + pckt``, CKTF+KD adds ``kd``
+    (``cktf methods`` lists every registered term and its options). ``terms`` is a free mapping here: it is
+    validated against the term registry when the transfer stage builds the terms, so reading a config never
+    imports torch. A term with weight 0 is not built.
+    """
+
+    moved_keys: ClassVar[dict[str, str]] = MOVED_LOSS_KEYS
+
+    method: str = option("cktf", help="label of the method in logs and reports (kd, crd, cktf, cktf_kd, …)")
+    nce: NCEConfig = option(default_factory=NCEConfig, help="settings shared by the contrastive terms")
+    terms: dict[str, Any] = option(
+        default_factory=_paper_terms, help="the terms of the objective and their options, e.g. --loss.terms.kd.weight "
+        "0.9 --loss.terms.kd.temperature 4; a file's terms replace this default (CKTF, paper text: mckt 0.8, "
+        "pckt 0.2). See `cktf methods` for every term and its options")
+
     def validate(self) -> None:
-        if self.ce == 0 and self.mckt == 0 and self.pckt == 0 and self.kd == 0:
-            raise CKTFError("config keys loss.ce, loss.mckt, loss.pckt and loss.kd are all 0; set at least one weight")
+        for name, options in self.terms.items():
+            if not isinstance(name, str) or not name:
+                raise CKTFError(f"config key 'loss.terms': term names are strings, got {name!r}")
+            if options is not None and not isinstance(options, dict):
+                raise CKTFError(f"config key 'loss.terms.{name}': expected a mapping of the term's options (e.g. "
+                                f"loss.terms.{name}.weight 1.0), got {options!r}")
+        if not self.terms:
+            raise CKTFError("config key 'loss.terms' is empty; name at least one term (see `cktf methods`)")
 
 
 @dataclass

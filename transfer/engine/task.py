@@ -2,7 +2,10 @@
 
 A :class:`Task` owns everything trainable and stateful of one stage (the
 network, projection heads, memory banks as buffers) and turns a batch into a
-loss. The engine owns the loop, optimisation, logging and checkpoints, so
+loss. Networks it only reads (a teacher, a probed backbone) are wrapped in
+:class:`~transfer.engine.frozen.Frozen`: never trained, always in eval mode,
+not in its checkpoints. The engine owns the loop, optimisation, logging and
+checkpoints, so
 teacher training, KD/CRD/CKTF transfer and probing share one loop and differ
 only in their task.
 """
@@ -15,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+
+from transfer.engine.frozen import frozen_prefixes
 
 
 @dataclass
@@ -44,12 +49,18 @@ class Task(nn.Module):
         return []
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores of this task (default: the whole ``state_dict``)."""
-        return self.state_dict()
+        """What a checkpoint stores of this task: the ``state_dict`` without its ``Frozen`` modules."""
+        frozen = frozen_prefixes(self)
+        return {k: v for k, v in self.state_dict().items() if not (frozen and k.startswith(frozen))}
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`checkpoint_state` output (strict: every key must match)."""
-        self.load_state_dict(state)
+        """Restore :meth:`checkpoint_state` output: every key must match, frozen modules aside."""
+        frozen = frozen_prefixes(self)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (frozen and k.startswith(frozen))]
+        if missing or unexpected:
+            raise RuntimeError(f"{type(self).__name__} state mismatch: missing {missing[:3]}, unexpected "
+                               f"{list(unexpected)[:3]}")
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, device: torch.device, autocast: Any) -> dict[str, float]:

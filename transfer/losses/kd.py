@@ -1,4 +1,4 @@
-"""Hinton et al.'s knowledge distillation term, CKTF's ``θ·L_distill`` (the ``kd`` loss weight).
+"""Hinton et al.'s knowledge distillation term, CKTF's ``θ·L_distill`` (``loss.terms.kd``).
 
 ``ρ²·KL(softmax(T/ρ) ‖ softmax(S/ρ))`` averaged over the batch: the ``ρ²`` keeps the gradient scale
 independent of the temperature (Hinton et al., 2015, §2), so ``θ`` need not be retuned with ``ρ``.
@@ -25,7 +25,7 @@ class KDLoss(nn.Module):
     def __init__(self, temperature: float = 4.0) -> None:
         super().__init__()
         if not temperature > 0:
-            raise CKTFError(f"loss.kd_temperature must be positive; got {temperature}")
+            raise CKTFError(f"loss.terms.kd.temperature must be positive; got {temperature}")
         self.temperature = temperature
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:

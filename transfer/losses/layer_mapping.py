@@ -16,7 +16,7 @@ shared leading channels scaled by the norms of the full vectors.
 The stems always pair with each other; stages pair one-to-one, so student and teacher need the same number
 of stages.
 
-**When** the choice is made is ``loss.mapping_schedule``:
+**When** the choice is made is ``loss.terms.mckt.mapping_schedule``:
 
 - ``once`` (the default): the rule above, on one calibration batch with the untrained student, before
   training; the choice is fixed for the run (and stored in the checkpoint).
@@ -57,12 +57,13 @@ Schedule = Literal["once", "per_batch"]
 SCHEDULES: tuple[str, ...] = ("once", "per_batch")
 
 
-def check_stage_counts(student_stages: int, teacher_stages: int, student: str, teacher: str) -> None:
-    """CKTF pairs stages one-to-one; a mismatch cannot be mapped."""
+def check_stage_counts(student_stages: int, teacher_stages: int, student: str, teacher: str,
+                       terms: str = "loss.terms.mckt") -> None:
+    """Stage-wise terms pair stages one-to-one; a mismatch cannot be mapped (``terms`` names who asks)."""
     if student_stages != teacher_stages:
         raise CKTFError(f"cannot map student '{student}' ({student_stages} stages) onto teacher '{teacher}' "
-                        f"({teacher_stages} stages): CKTF pairs stages one-to-one; pick models with the same number "
-                        "of stages or set loss.mckt 0")
+                        f"({teacher_stages} stages): {terms} pairs stages one-to-one; pick models with the same "
+                        f"number of stages or leave {terms} out")
 
 
 def padded_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -81,25 +82,34 @@ def select_teacher_blocks(strategy: str, student: TapOutputs, teacher: TapOutput
     similarity strategies.
     """
     if strategy not in STRATEGIES:
-        raise CKTFError(f"unknown loss.layer_mapping '{strategy}'; choose one of: {', '.join(STRATEGIES)}")
+        raise CKTFError(f"unknown layer_mapping '{strategy}'; choose one of: {', '.join(STRATEGIES)}")
     num_stages = len(teacher.stages)
     if strategy == "last" and teacher.blocks is None:
         return [-1] * num_stages
     if teacher.blocks is None:
         raise ValueError("teacher taps need with_blocks=True for this layer mapping")
-    counts = [len(blocks) for blocks in teacher.blocks]
-    if strategy == "last":
-        return [n - 1 for n in counts]
-    if strategy == "first":
-        return [0] * num_stages
-    if strategy == "random":
-        return [int(torch.randint(n, (1,), generator=generator)) for n in counts]
+    if strategy in ("last", "first", "random"):
+        return choose_blocks(strategy, [len(blocks) for blocks in teacher.blocks], generator)
     choice: list[int] = []
     for stage, blocks in enumerate(teacher.blocks):
         s = pool_flatten(student.stages[stage])
         sims = torch.stack([padded_cosine(s, pool_flatten(block)) for block in blocks])
         choice.append(int(sims.argmax() if strategy == "largest" else sims.argmin()))
     return choice
+
+
+def choose_blocks(strategy: str, counts: list[int], generator: torch.Generator | None = None) -> list[int]:
+    """Block index per stage for the strategies that need no features: ``last``, ``first`` or ``random``.
+
+    ``counts`` is the number of blocks of each teacher stage; ``random`` draws with ``generator``.
+    """
+    if strategy == "last":
+        return [n - 1 for n in counts]
+    if strategy == "first":
+        return [0] * len(counts)
+    if strategy == "random":
+        return [int(torch.randint(n, (1,), generator=generator)) for n in counts]
+    raise ValueError(f"choose_blocks decides last, first or random, not {strategy!r}")
 
 
 def paired_features(student: TapOutputs, teacher: TapOutputs, blocks: list[int]

@@ -42,9 +42,9 @@ class MemoryBank(nn.Module):
         if num_items < 1:
             raise CKTFError(f"the memory bank needs at least one item (number of unlabeled items N={num_items})")
         if dim < 1:
-            raise CKTFError(f"loss.embed_dim must be positive; got {dim}")
+            raise CKTFError(f"loss.nce.embed_dim must be positive; got {dim}")
         if not 0.0 <= momentum <= 1.0:
-            raise CKTFError(f"loss.nce_momentum must be in [0, 1]; got {momentum}")
+            raise CKTFError(f"loss.nce.momentum must be in [0, 1]; got {momentum}")
         self.num_items = num_items
         self.dim = dim
         self.momentum = momentum
@@ -74,7 +74,7 @@ class MemoryBank(nn.Module):
         """
         if indices.dim() != 1 or embeddings.shape != (indices.shape[0], self.dim):
             raise CKTFError(f"memory-bank update expects indices [B] and embeddings [B, {self.dim}] "
-                            f"(loss.embed_dim); got {tuple(indices.shape)} and {tuple(embeddings.shape)}")
+                            f"(loss.nce.embed_dim); got {tuple(indices.shape)} and {tuple(embeddings.shape)}")
         indices, embeddings = _last_occurrence(indices.long(), embeddings, self.num_items)
         m = self.momentum if momentum is None else momentum
         old = self.weight.index_select(0, indices)

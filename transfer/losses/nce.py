@@ -70,7 +70,7 @@ class NCEObjective(nn.Module):
         if num_items < 2:
             raise CKTFError(f"NCE needs at least 2 unlabeled items (N={num_items}) to draw a negative from")
         if not temperature > 0:
-            raise CKTFError(f"loss.temperature must be positive; got {temperature}")
+            raise CKTFError(f"loss.nce.temperature must be positive; got {temperature}")
         if chunk_size < 1:
             raise CKTFError(f"NCE chunk_size must be a positive number of score elements; got {chunk_size}")
         self.num_items = num_items
@@ -129,7 +129,7 @@ class NCEObjective(nn.Module):
             raise CKTFError(f"NCE embeddings must be [B, d]; got student {tuple(g_s.shape)}, teacher "
                             f"{tuple(g_t.shape)}")
         if g_s.shape[1] != self.dim or g_t.shape[1] != self.dim:
-            raise CKTFError(f"embedding dims must equal the memory banks' loss.embed_dim (d={self.dim}); got "
+            raise CKTFError(f"embedding dims must equal the memory banks' loss.nce.embed_dim (d={self.dim}); got "
                             f"student {g_s.shape[1]}, teacher {g_t.shape[1]}")
         batch = g_s.shape[0]
         if batch == 0 or g_t.shape[0] != batch or indices.shape != (batch,):
@@ -210,7 +210,7 @@ class NCEObjective(nn.Module):
         log_mean = torch.logsumexp(scores.flatten() / self.temperature, dim=0) - math.log(scores.numel())
         z = torch.exp(log_mean + math.log(self.num_items))
         if not torch.isfinite(z):
-            raise CKTFError(f"loss.temperature={self.temperature} is too small: the NCE normaliser "
+            raise CKTFError(f"loss.nce.temperature={self.temperature} is too small: the NCE normaliser "
                             "Z = N·mean(exp(s/τ)) overflows float32; raise it (CRD uses 0.07-0.1)")
         return z
 

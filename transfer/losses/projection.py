@@ -4,7 +4,7 @@ CKTF eq. 2 pools each module's output ``[B, C, H, W]`` to ``[B, C]`` (global ave
 small head maps it to the d-dimensional space where the NCE objectives compare student and teacher
 (CRD's ``Embed``). Normalisation here is per sample (over features) only. The published code instead
 normalised stage maps across the batch dimension (``dim=0``) and pooled some families on an 8x8 grid;
-that recipe is available as ``loss.stage_norm batch`` / ``loss.stage_pool reference``
+that recipe is available as ``loss.nce.stage_norm batch`` / ``loss.nce.stage_pool reference``
 (:mod:`transfer.losses.stage_features`), which hands the heads already-pooled vectors.
 
 Example::
@@ -55,7 +55,7 @@ class ProjectionHead(nn.Module):
         super().__init__()
         lo, hi = _EMBED_RANGE
         if not lo <= out_dim <= hi:
-            raise CKTFError(f"loss.embed_dim must be between {lo} and {hi}; got {out_dim}")
+            raise CKTFError(f"loss.nce.embed_dim must be between {lo} and {hi}; got {out_dim}")
         if in_dim < 1:
             raise CKTFError(f"projection input size must be positive; got {in_dim} (feature channels)")
         if kind == "linear":
@@ -68,7 +68,7 @@ class ProjectionHead(nn.Module):
             hidden = max(in_dim, out_dim)
             self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
         else:
-            raise CKTFError(f"loss.projection must be 'linear', 'bn_linear' or 'mlp'; got {kind!r}")
+            raise CKTFError(f"loss.nce.projection must be 'linear', 'bn_linear' or 'mlp'; got {kind!r}")
         self.in_dim, self.out_dim, self.kind = in_dim, out_dim, kind
 
     def forward(self, x: Tensor) -> Tensor:

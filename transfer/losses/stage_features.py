@@ -1,4 +1,4 @@
-"""How a tapped intermediate map becomes the vector a projection head sees (``loss.stage_norm``/``stage_pool``).
+"""How a tapped intermediate map becomes the vector a projection head sees (``loss.nce.stage_norm``/``stage_pool``).
 
 Two recipes exist:
 

@@ -6,7 +6,7 @@ penultimate and logit outputs of one forward pass, which is what the transfer lo
 consume.
 """
 
-from transfer.models.registry import build_model, list_models
-from transfer.models.taps import FeatureTaps, TapOutputs, TapSpec, tap_spec_for
+from transfer.models.registry import build_model, list_models, tap_spec_for
+from transfer.models.taps import FeatureTaps, TapOutputs, TapSpec
 
 __all__ = ["FeatureTaps", "TapOutputs", "TapSpec", "build_model", "list_models", "tap_spec_for"]

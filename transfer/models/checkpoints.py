@@ -56,10 +56,3 @@ def load_network(path: str | Path, *, prefix: str, kinds: tuple[str, ...], optio
         raise CKTFError(f"{option} {path}: weights do not fit model '{name}' ({str(err).splitlines()[0]})") from None
     return LoadedNetwork(model, name, in_channels, num_classes, taps, meta)
 
-
-def freeze(model: nn.Module) -> nn.Module:
-    """No gradients and eval mode (BatchNorm statistics must not move)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-

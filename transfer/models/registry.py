@@ -143,8 +143,9 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 100) -> nn.M
     return entry.builder(in_channels, num_classes)
 
 
-def default_tap_spec(name: str, model: nn.Module | None = None) -> TapSpec:
-    """Default spec of ``name``; without ``model`` it is derived from a weightless meta-device copy."""
+def tap_spec_for(name: str, model: nn.Module | None = None) -> TapSpec:
+    """Default tap spec of the registered model ``name`` (derived from ``model`` when given); without ``model``
+    it is derived from a weightless meta-device copy."""
     entry = get_entry(name)
     if model is None:
         with torch.device("meta"):

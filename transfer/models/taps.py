@@ -10,7 +10,7 @@ to ``FeatureTaps.model``.
 
 Node names are those of ``torchvision.models.feature_extraction.get_graph_node_names``;
 a module path such as ``layer1`` or ``layer1.0`` means that module's output (its last
-node). The registered models come with a default spec (:func:`tap_spec_for`); any
+node). The registered models come with a default spec (:func:`transfer.models.registry.tap_spec_for`); any
 other FX-traceable model is plugged in by naming its nodes, e.g. a stock
 ``torchvision.models.resnet18()`` in a config::
 
@@ -139,13 +139,6 @@ def layout_spec(model: nn.Module) -> TapSpec:
         for stage in stages
     )
     return TapSpec(stem="stem", stages=tuple(stages), blocks=blocks, penultimate="flatten", logits="fc")
-
-
-def tap_spec_for(name: str, model: nn.Module | None = None) -> TapSpec:
-    """Default spec of the registered model ``name`` (derived from ``model`` when given)."""
-    from transfer.models.registry import default_tap_spec  # the registry imports this module
-
-    return default_tap_spec(name, model)
 
 
 @dataclass

@@ -1,33 +1,52 @@
-"""``cktf transfer``: KD / CRD / CKTF from a frozen teacher to a student on the unlabeled target split.
+"""``cktf transfer``: a frozen teacher teaches a student on the unlabeled target split through loss terms.
 
-Order of work: everything that can fail on bad input (teacher file, data, model names, stage mapping, K vs
-N) is checked before the run directory is touched, so a mistake never leaves a half-written run behind.
+The method is the set of terms in ``loss.terms`` (KD, CRD, CKTF, …; ``cktf methods`` lists them). The stage
+never looks at a term's name: it provides what the terms *declare* they need (teacher blocks, a stage-count
+check, negatives from a sampler, labels, an initialisation phase). Order of work: everything that can fail on
+bad input (terms and their options, teacher file, data, model names, stage mapping, K vs N) is checked before
+the run directory is touched, so a mistake never leaves a half-written run behind.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from transfer.config import TransferConfig
 from transfer.data import build_dataset
+from transfer.data.batch_augment import BatchTransform
 from transfer.data.transforms import build_transform
+from transfer.engine.frozen import Frozen, freeze
 from transfer.engine.performance import check_runtime, prepare_network
 from transfer.engine.rundir import run_path, write_json
 from transfer.engine.runtime import resolve_device, seed_everything, set_threads
-from transfer.engine.trainer import FitResult
+from transfer.engine.trainer import Engine, FitResult
 from transfer.errors import CKTFError
-from transfer.losses.layer_mapping import check_stage_counts, select_teacher_blocks
-from transfer.losses.terms import TermContext, build_terms
-from transfer.models import FeatureTaps, TapSpec, build_model, tap_spec_for
-from transfer.models.checkpoints import freeze, load_network
+from transfer.losses.layer_mapping import check_stage_counts
+from transfer.losses.terms import TermContext, build_terms, combined_needs, options_dict, resolve_terms
+from transfer.models import FeatureTaps, TapOutputs, TapSpec, build_model, tap_spec_for
+from transfer.models.checkpoints import LoadedNetwork, load_network
 from transfer.models.registry import reference_pool
 from transfer.sampling import build_sampler, cached_neighbour_table, file_sha256
 from transfer.stages.common import RunRequest, extract_features, make_loader, open_run, train_pipeline
 from transfer.tasks.transfer import TransferTask
+
+CALIBRATION_ITEMS = 64  # seeded items on which a term may decide something before training (layer mapping)
+
+
+@dataclass
+class Pools:
+    """The transfer pool twice: with the training pipeline (``train`` + ``augment``) and the eval transform."""
+
+    train: Dataset
+    augment: BatchTransform | None
+    eval: Dataset
+    eval_transform: Callable
 
 
 def _spec(name: str, model: torch.nn.Module, taps: dict, option: str) -> TapSpec:
@@ -35,137 +54,175 @@ def _spec(name: str, model: torch.nn.Module, taps: dict, option: str) -> TapSpec
 
 
 @torch.no_grad()
-def embed_pool(teacher: FeatureTaps, dataset, batch_size: int, device: torch.device, workers: int) -> torch.Tensor:
+def embed_pool(teacher: torch.nn.Module, dataset, batch_size: int, device: torch.device,
+               workers: int) -> torch.Tensor:
     """The frozen teacher's penultimate features of every item (eval transform), as [N, C] float32 on CPU."""
     return extract_features(lambda images: teacher(images).penultimate, dataset, batch_size, device, workers)[0]
 
 
-def _initial_mapping(cfg: TransferConfig, student: FeatureTaps, teacher: FeatureTaps, dataset) -> list[int]:
-    """The teacher block of each stage to start from (and, for ``mapping_schedule once``, to keep).
+def resolve_loss_terms(cfg: TransferConfig) -> dict[str, list[str]]:
+    """Validate ``loss.terms`` against the term registry and record the resolved options in ``cfg``.
 
-    ``once`` decides here, on a seeded calibration batch of 64 items with the untrained student. A choice
-    made per batch starts from the stages' last blocks; they only size the heads, which fit every block.
+    Returns each declared need with the terms declaring it (e.g. ``{"negatives": ["mckt", "pckt"]}``).
     """
-    strategy = cfg.loss.layer_mapping
-    if cfg.loss.mapping_schedule == "per_batch" and strategy in ("random", "largest", "smallest"):
-        strategy = "last"
-    num_items = len(dataset)
-    calib_ids = torch.randperm(num_items, generator=torch.Generator().manual_seed(cfg.train.seed))[:64].tolist()
-    calib = torch.stack([dataset[i][0] for i in calib_ids])
-    student.eval()
-    with torch.no_grad():
-        return select_teacher_blocks(strategy, student(calib), teacher(calib),
-                                     torch.Generator().manual_seed(cfg.train.seed))
+    specs = resolve_terms(cfg.loss)
+    cfg.loss.terms = {spec.name: options_dict(spec.options) for spec in specs}  # config.yaml shows every option
+    return combined_needs(specs)
 
 
-def _check_per_batch_shapes(strategy: str, student: dict, teacher: dict) -> None:
-    """``largest``/``smallest`` per batch compare whole maps, so each stage's maps need one spatial size."""
-    if strategy not in ("largest", "smallest") or not teacher["blocks"]:
-        return
-    for i, (s_shape, blocks) in enumerate(zip(student["stages"], teacher["blocks"], strict=True)):
-        for t_shape in blocks:
-            if tuple(s_shape[1:]) != tuple(t_shape[1:]):
-                raise CKTFError(f"loss.mapping_schedule per_batch with loss.layer_mapping {strategy} compares whole "
-                                f"maps, but stage {i + 1} has student map {tuple(s_shape)} and teacher block "
-                                f"{tuple(t_shape)}; use mapping_schedule once")
-
-
-def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> FitResult:
-    """Train the student of ``cfg`` into ``<log.root>/<log.name>``."""
-    set_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    check_runtime(device, cfg.train)
-
-    def place(module: torch.nn.Module) -> torch.nn.Module:
-        return prepare_network(module, device, channels_last=cfg.train.channels_last)
-
+def load_teacher(cfg: TransferConfig) -> LoadedNetwork:
+    """The teacher network from ``teacher.checkpoint`` (a ``cktf train-teacher`` checkpoint)."""
     if cfg.teacher.checkpoint is None:
         raise CKTFError("no teacher given: pass --teacher PATH (a best.safetensors written by cktf train-teacher)")
-    teacher_net = load_network(cfg.teacher.checkpoint, prefix="model.", kinds=("teacher",), option="--teacher")
-    teacher_taps = cfg.teacher.taps or teacher_net.taps
+    return load_network(cfg.teacher.checkpoint, prefix="model.", kinds=("teacher",), option="--teacher")
 
-    train_tf, augment = train_pipeline(cfg.data)
-    eval_tf = build_transform(cfg.data.name, train=False, image_size=cfg.data.image_size)
-    pool = build_dataset(cfg.data.name, cfg.data.train_split, cfg.data.root, train_tf, **cfg.data.options)
-    if pool.in_channels != teacher_net.in_channels:
-        raise CKTFError(f"teacher {cfg.teacher.checkpoint} takes {teacher_net.in_channels}-channel images but "
-                        f"{cfg.data.name}/{cfg.data.train_split} has {pool.in_channels} channels")
-    num_items = len(pool)
 
+def training_pool(cfg: TransferConfig, teacher: LoadedNetwork,
+                  needs: dict[str, list[str]]) -> tuple[Dataset, BatchTransform | None]:
+    """The transfer split with the training pipeline, checked against the teacher and the terms' needs."""
+    d = cfg.data
+    train_tf, augment = train_pipeline(d)
+    pool = build_dataset(d.name, d.train_split, d.root, train_tf, **d.options)
+    if pool.in_channels != teacher.in_channels:
+        raise CKTFError(f"teacher {cfg.teacher.checkpoint} takes {teacher.in_channels}-channel images but "
+                        f"{d.name}/{d.train_split} has {pool.in_channels} channels")
+    if "labels" in needs and bool((torch.as_tensor(pool.targets) < 0).any()):
+        term = needs["labels"][0]
+        raise CKTFError(f"loss.terms.{term} needs labels, but data split '{d.train_split}' of {d.name} has unlabeled "
+                        f"images (target -1); leave loss.terms.{term} out, or transfer on a labeled split")
+    if "memory_banks" in needs and len(pool) < 2:
+        raise CKTFError(f"loss.terms.{needs['memory_banks'][0]} keeps a memory bank over the transfer pool, but "
+                        f"{d.name}/{d.train_split} has {len(pool)} item(s); it needs at least 2")
+    return pool, augment
+
+
+def build_networks(cfg: TransferConfig, teacher: LoadedNetwork, in_channels: int,
+                   needs: dict[str, list[str]]) -> tuple[FeatureTaps, Frozen]:
+    """The freshly initialised tapped student (seeded) and the frozen tapped teacher (with its blocks when a
+    term needs them).
+
+    The student's classifier has the teacher's (source) classes, as in the paper's step 1.
+    """
     seed_everything(cfg.train.seed)
-    student_model = build_model(cfg.student.name, in_channels=pool.in_channels, num_classes=teacher_net.num_classes)
+    student_model = build_model(cfg.student.name, in_channels=in_channels, num_classes=teacher.num_classes)
     student = FeatureTaps(student_model, _spec(cfg.student.name, student_model, cfg.student.taps, "student.taps"))
-    t_spec = _spec(teacher_net.name, teacher_net.model, teacher_taps, "teacher.taps")
-    teacher = FeatureTaps(freeze(teacher_net.model), t_spec, with_blocks=cfg.loss.layer_mapping != "last")
-    freeze(teacher)
-    if cfg.loss.mckt > 0:
-        check_stage_counts(len(student.spec.stages), len(t_spec.stages), cfg.student.name, teacher_net.name)
+    t_spec = _spec(teacher.name, teacher.model, cfg.teacher.taps or teacher.taps, "teacher.taps")
+    frozen = freeze(FeatureTaps(teacher.model, t_spec, with_blocks="teacher_blocks" in needs))
+    if "same_stage_count" in needs:
+        terms = ", ".join(f"loss.terms.{name}" for name in needs["same_stage_count"])
+        check_stage_counts(len(student.spec.stages), len(t_spec.stages), cfg.student.name, teacher.name, terms)
+    return student, frozen
 
-    probe_ds = build_dataset(cfg.data.name, cfg.data.train_split, cfg.data.root, eval_tf, **cfg.data.options)
-    shape = tuple(probe_ds[0][0].shape)
-    student_shapes, teacher_shapes = student.shapes(shape), teacher.shapes(shape)
-    mapping = _initial_mapping(cfg, student, teacher, probe_ds)
-    if cfg.loss.mckt > 0 and cfg.loss.mapping_schedule == "per_batch":
-        _check_per_batch_shapes(cfg.loss.layer_mapping, student_shapes, teacher_shapes)
-    pools = ((reference_pool(cfg.student.name), reference_pool(teacher_net.name))
-             if cfg.loss.stage_pool == "reference" else (None, None))
-    ctx = TermContext(student.channels(shape), teacher.channels(shape), num_items, mapping,
-                      student_shapes=student_shapes, teacher_shapes=teacher_shapes, student_pool=pools[0],
-                      teacher_pool=pools[1], seed=cfg.train.seed)
-    terms, weights = build_terms(cfg.loss, ctx)
 
-    sampler = None
-    if any(term.needs_negatives for term in terms.values()):
-        neighbours = None
-        if cfg.sampler.kind != "uniform":
-            table_k = cfg.sampler.k + (cfg.sampler.hard_pool if cfg.sampler.kind == "hard" else 0)
-            key = {"teacher_sha256": file_sha256(cfg.teacher.checkpoint), "dataset": cfg.data.name,
-                   "split": cfg.data.train_split, "options": cfg.data.options, "transform": repr(eval_tf),
-                   "num_items": num_items}
-            neighbours = cached_neighbour_table(
-                cfg.sampler.cache_dir, key,
-                lambda: embed_pool(place(teacher), probe_ds, cfg.train.eval_batch_size, device,
-                                   cfg.data.num_workers),
-                table_k, index=cfg.sampler.index)
-        sampler = build_sampler(cfg.sampler.kind, num_items, cfg.sampler.num_negatives, neighbours,
-                                exclude=cfg.sampler.k, hard_fraction=cfg.sampler.hard_fraction,
-                                hard_pool=cfg.sampler.hard_pool, shared=cfg.sampler.shared)
-    task = TransferTask(student, teacher, terms, weights, sampler)
+def evaluation_pool(cfg: TransferConfig) -> tuple[Dataset, Callable]:
+    """The transfer split with the evaluation transform (calibration, neighbour tables, init phases)."""
+    d = cfg.data
+    eval_tf = build_transform(d.name, train=False, image_size=d.image_size)
+    return build_dataset(d.name, d.train_split, d.root, eval_tf, **d.options), eval_tf
 
+
+def term_context(cfg: TransferConfig, student: FeatureTaps, teacher: Frozen, teacher_name: str,
+                 pool: Dataset) -> TermContext:
+    """Tap widths and shapes of both networks, pooling windows, the pool size and a lazy calibration batch."""
+    shape = tuple(pool[0][0].shape)
+    cache: list[tuple[TapOutputs, TapOutputs]] = []
+
+    def calibration() -> tuple[TapOutputs, TapOutputs]:
+        if not cache:
+            ids = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.train.seed))
+            batch = torch.stack([pool[i][0] for i in ids[:CALIBRATION_ITEMS].tolist()])
+            student.eval()
+            with torch.no_grad():
+                cache.append((student(batch), teacher(batch)))
+        return cache[0]
+
+    taps = teacher.module
+    return TermContext(student.channels(shape), taps.channels(shape), len(pool),
+                       student_shapes=student.shapes(shape), teacher_shapes=taps.shapes(shape),
+                       student_pool=reference_pool(cfg.student.name), teacher_pool=reference_pool(teacher_name),
+                       seed=cfg.train.seed, calibration=calibration)
+
+
+def negative_sampler(cfg: TransferConfig, needs: dict[str, list[str]], teacher: Frozen, pool: Dataset,
+                     eval_tf: Callable, device: torch.device) -> torch.nn.Module | None:
+    """The negative sampler when a term declares ``negatives`` (with a cached neighbour table unless uniform)."""
+    if "negatives" not in needs:
+        return None
+    s, num_items = cfg.sampler, len(pool)
+    neighbours = None
+    if s.kind != "uniform":
+        table_k = s.k + (s.hard_pool if s.kind == "hard" else 0)
+        key = {"teacher_sha256": file_sha256(cfg.teacher.checkpoint), "dataset": cfg.data.name,
+               "split": cfg.data.train_split, "options": cfg.data.options, "transform": repr(eval_tf),
+               "num_items": num_items}
+        place = prepare_network(teacher, device, channels_last=cfg.train.channels_last)
+        neighbours = cached_neighbour_table(
+            s.cache_dir, key, lambda: embed_pool(place, pool, cfg.train.eval_batch_size, device, cfg.data.num_workers),
+            table_k, index=s.index)
+    return build_sampler(s.kind, num_items, s.num_negatives, neighbours, exclude=s.k, hard_fraction=s.hard_fraction,
+                         hard_pool=s.hard_pool, shared=s.shared)
+
+
+def open_transfer_run(cfg: TransferConfig, task: TransferTask, teacher: LoadedNetwork, pool: Dataset,
+                      device: torch.device, request: RunRequest) -> Engine:
+    """The run directory and engine, with the checkpoint metadata that lets the probe rebuild the student."""
     metadata = {
         "kind": "transfer",
         "model": cfg.student.name,
         "in_channels": str(pool.in_channels),
-        "num_classes": str(teacher_net.num_classes),
+        "num_classes": str(teacher.num_classes),
         "taps": json.dumps(cfg.student.taps),
         "method": cfg.loss.method,
+        "terms": json.dumps(task.weights),
         "teacher": str(cfg.teacher.checkpoint),
-        "teacher_model": teacher_net.name,
-        "layer_mapping": json.dumps(mapping if cfg.loss.mapping_schedule == "once" else cfg.loss.mapping_schedule),
+        "teacher_model": teacher.name,
         "dataset": cfg.data.name,
+        **task.metadata(),
     }
-    describe = (f"transfer ({cfg.loss.method}): {teacher_net.name} -> {cfg.student.name} on "
-                f"{cfg.data.name}/{cfg.data.train_split} ({num_items} images)")
-    engine = open_run(run_path(cfg.log.root, cfg.log.name), "log.root/log.name", cfg, task, device, metadata, request,
-                      describe=describe, data_root=getattr(pool, "root", None))
-    if cfg.loss.bank_init == "embed" and not engine.resumed:
-        engine.task.fill_banks(DataLoader(probe_ds, batch_size=cfg.train.eval_batch_size,
-                                          num_workers=cfg.data.num_workers), device)
-    run = engine.run
-    loader = make_loader(pool, cfg.train.batch_size, train=True, num_workers=cfg.data.num_workers, device=device,
-                         random_items=augment is None)
-    t0 = time.perf_counter()
-    result = engine.fit(loader, augment=augment)
-    engine.logger.close()
-    write_json(run.metrics, {
+    terms = ", ".join(f"{name} {weight:g}" for name, weight in task.weights.items())
+    describe = (f"transfer ({cfg.loss.method}: {terms}): {teacher.name} -> {cfg.student.name} on "
+                f"{cfg.data.name}/{cfg.data.train_split} ({len(pool)} images)")
+    return open_run(run_path(cfg.log.root, cfg.log.name), "log.root/log.name", cfg, task, device, metadata, request,
+                    describe=describe, data_root=getattr(pool, "root", None))
+
+
+def write_transfer_metrics(engine: Engine, cfg: TransferConfig, result: FitResult, started: float) -> None:
+    write_json(engine.run.metrics, {
         "kind": "transfer",
         "method": cfg.loss.method,
+        "terms": cfg.loss.terms,
         "student": cfg.student.name,
         "teacher": str(cfg.teacher.checkpoint),
         "epochs": len(result.history),
         "final": result.final,
         "first": result.history[0] if result.history else {},
         "train_seconds": result.train_seconds,
-        "wall_seconds_this_invocation": time.perf_counter() - t0,
+        "wall_seconds_this_invocation": time.perf_counter() - started,
     })
+
+
+def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> FitResult:
+    """Train the student of ``cfg`` into ``<log.root>/<log.name>``."""
+    needs = resolve_loss_terms(cfg)
+    set_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    check_runtime(device, cfg.train)
+    teacher_net = load_teacher(cfg)
+    pool, augment = training_pool(cfg, teacher_net, needs)
+    student, teacher = build_networks(cfg, teacher_net, pool.in_channels, needs)
+    eval_pool, eval_tf = evaluation_pool(cfg)
+    terms, weights = build_terms(cfg.loss, term_context(cfg, student, teacher, teacher_net.name, eval_pool))
+    sampler = negative_sampler(cfg, needs, teacher, eval_pool, eval_tf, device)
+    task = TransferTask(student, teacher, terms, weights, sampler)
+
+    engine = open_transfer_run(cfg, task, teacher_net, pool, device, request)
+    loader = make_loader(pool, cfg.train.batch_size, train=True, num_workers=cfg.data.num_workers, device=device,
+                         random_items=augment is None)
+    if "init_phase" in needs and not engine.resumed:
+        eval_loader = DataLoader(eval_pool, batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers)
+        engine.task.init_phases(eval_loader, device, loader, augment)
+    started = time.perf_counter()
+    result = engine.fit(loader, augment=augment)
+    engine.logger.close()
+    write_transfer_metrics(engine, cfg, result, started)
     return result

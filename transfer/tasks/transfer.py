@@ -1,8 +1,11 @@
 """Unsupervised transfer: a frozen teacher teaches a student through pluggable loss terms.
 
-The teacher stays in ``eval()`` and runs under ``torch.no_grad()`` — not ``inference_mode``, because its
-outputs feed the trainable teacher-side projection heads, and inference tensors cannot be saved for their
-backward. Its weights are not part of the transfer checkpoint (they come from the teacher's file).
+The teacher is frozen (:class:`~transfer.engine.frozen.Frozen`: eval mode, no gradients, not in the transfer
+checkpoint: its weights come from the teacher's file) and runs under ``torch.no_grad()`` — not
+``inference_mode``, because its outputs feed the trainable teacher-side projection heads, and inference tensors
+cannot be saved for their backward. The task
+knows nothing about particular terms: it draws negatives when a term declares ``negatives``, checks targets
+when one declares ``labels``, sums the weighted losses and runs the declared initialisation phases.
 """
 
 from __future__ import annotations
@@ -11,77 +14,87 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transfer.engine.frozen import freeze
 from transfer.engine.task import StepOutput, Task
-from transfer.losses.terms import TransferBatch
+from transfer.errors import CKTFError
+from transfer.losses.terms import InitPhase, TransferBatch
 from transfer.models.taps import FeatureTaps
 
 
 class TransferTask(Task):
-    """Student + projection heads + memory banks, trained against a frozen teacher."""
+    """Student + the terms' modules (projection heads, memory banks, …), trained against a frozen teacher.
 
-    def __init__(self, student: FeatureTaps, teacher: FeatureTaps, terms: nn.ModuleDict,
+    Args:
+        student: the tapped student network (trained).
+        teacher: the tapped teacher network (frozen here).
+        terms: name → :class:`~transfer.losses.terms.LossTerm`, e.g. from
+            :func:`~transfer.losses.terms.build_terms`.
+        weights: name → weight of each term.
+        sampler: the negative sampler; required when a term declares ``negatives``.
+    """
+
+    def __init__(self, student: FeatureTaps, teacher: nn.Module, terms: nn.ModuleDict,
                  weights: dict[str, float], sampler: nn.Module | None) -> None:
         super().__init__()
         self.student = student
-        self.teacher = teacher
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher.eval()
+        self.teacher = freeze(teacher)
         self.terms = terms
         self.weights = dict(weights)
         self.sampler = sampler
-        if sampler is None and any(getattr(t, "needs_negatives", False) for t in terms.values()):
-            raise ValueError("contrastive terms need a negative sampler")
-
-    def train(self, mode: bool = True) -> TransferTask:
-        super().train(mode)
-        self.teacher.eval()
-        return self
+        if sampler is None and any(term.needs.negatives for term in terms.values()):
+            raise ValueError("a term declares negatives but no negative sampler was given")
+        self._needs_labels = [name for name, term in terms.items() if term.needs.labels]
 
     def compile_targets(self) -> list[nn.Module]:
         return [self.student, self.teacher]
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("teacher.")]
+    def objective(self, batch: TransferBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(Σ weight · Σ losses, logged scalars)`` of every term on ``batch``; diagnostics never enter the sum."""
+        if self._needs_labels and bool((batch.targets < 0).any()):
+            raise CKTFError(f"loss.terms.{self._needs_labels[0]} needs labels, but this batch has unlabeled "
+                            "samples (target -1); leave the term out for unlabeled transfer")
+        total = batch.student.logits.new_zeros((), dtype=torch.float32)
+        logged: dict[str, torch.Tensor] = {}
+        for name, term in self.terms.items():
+            losses = term(batch)
+            total = total + self.weights[name] * sum(losses.values())
+            logged.update({key: value.detach() for key, value in losses.items()})
+            logged.update(term.diagnostics())
+        return total, logged
 
     def training_step(self, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> StepOutput:
         with torch.no_grad():
             teacher = self.teacher(images)
         student = self.student(images)
         negatives = self.sampler(indices) if self.sampler is not None else None
-        batch = TransferBatch(student, teacher, indices, targets, negatives)
-        total = images.new_zeros((), dtype=torch.float32)
-        logged: dict[str, torch.Tensor] = {}
-        for name, term in self.terms.items():
-            losses = term(batch)
-            total = total + self.weights[name] * sum(losses.values())
-            logged.update({key: value.detach() for key, value in losses.items()})
-            logged.update(term.diagnostics())  # logged, never added to the loss
+        total, logged = self.objective(TransferBatch(student, teacher, indices, targets, negatives))
         return StepOutput(total, logged)
 
-    @torch.no_grad()
-    def fill_banks(self, loader: DataLoader, device: torch.device) -> None:
-        """Fill every memory bank with the networks' initial embeddings of each item (``loss.bank_init embed``).
+    def init_phases(self, eval_loader: DataLoader, device: torch.device, train_loader: DataLoader | None = None,
+                    augment=None) -> list[str]:
+        """Run the initialisation phase of every term that declares one, in order; returns their names.
 
-        CRD starts its banks from uniform noise and writes each row once per epoch with momentum 0.5, so after
-        k epochs a fraction 0.5^k of every positive is still noise — most of a short schedule. Filled banks
-        give meaningful positives and negatives from the first step: the teacher side starts as a random
-        projection of the teacher's features, which preserves their geometry.
+        The whole task is in eval mode meanwhile (restored afterwards). For example the contrastive terms
+        under ``loss.nce.bank_init embed`` fill their memory banks with the networks' initial embeddings of
+        every item: CRD starts its banks from uniform noise and writes each row once per epoch with momentum
+        0.5, so after k epochs a fraction 0.5^k of every positive is still noise — most of a short schedule.
         """
+        phase = InitPhase(self.student, self.teacher, device, eval_loader, train_loader, augment)
+        ran = []
         was_training = self.training
         self.eval()
-        for images, targets, indices in loader:
-            images, indices = images.to(device), indices.to(device)
-            batch = TransferBatch(self.student(images), self.teacher(images), indices, targets, None)
-            for term in self.terms.values():
-                term.fill_banks(batch)
-        self.train(was_training)
+        try:
+            for name, term in self.terms.items():
+                if term.needs.init_phase:
+                    term.init_phase(phase)
+                    ran.append(name)
+        finally:
+            self.train(was_training)
+        return ran
 
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
-
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("teacher.")]
-        if missing or unexpected:
-            raise RuntimeError(f"transfer state mismatch: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
+    def metadata(self) -> dict[str, str]:
+        """Checkpoint metadata contributed by the terms (e.g. the layer mapping chosen)."""
+        out: dict[str, str] = {}
+        for term in self.terms.values():
+            out.update(term.metadata())
+        return out
