@@ -18,8 +18,9 @@ module while it runs (``benchmarks.common.patched``):
   temporary file (weights do not change the time); debiased/hard samplers get a random valid neighbour
   table instead of embedding the pool (that one-off build is ``benchmarks/sampler.py``'s).
 
-Settings (``--settings``), each with methods KD, CRD and CKTF (``--methods``); CRD and CKTF run with
-per-anchor negatives (``sampler.shared false``, the paper's form) and shared negatives (``sampler.shared
+Settings (``--settings``), each with methods KD, CRD and CKTF by default (``--methods``: names of the setting's
+config files, any method with a config works); a method whose terms declare ``negatives`` (CRD, CKTF) runs
+with per-anchor negatives (``sampler.shared false``, the paper's form) and shared negatives (``sampler.shared
 true``), see ``--negative-modes``:
 
 * ``stl10_vgg``: ``configs/tinyimagenet_to_stl10/{kd,crd,cktf}_vgg19_vgg8.yaml``: VGG-19 teacher (200
@@ -103,12 +104,12 @@ from transfer.engine.runtime import autocast, resolve_device  # noqa: E402
 from transfer.engine.trainer import Engine  # noqa: E402
 from transfer.errors import CKTFError  # noqa: E402
 from transfer.losses.nce import NCEObjective  # noqa: E402
-from transfer.losses.terms import TransferBatch  # noqa: E402
+from transfer.losses.terms import TransferBatch, resolve_terms  # noqa: E402
 from transfer.models import build_model  # noqa: E402
 from transfer.models.taps import TapOutputs  # noqa: E402
 from transfer.tasks.transfer import TransferTask  # noqa: E402
 
-METHODS = ("kd", "crd", "cktf")
+METHODS = ("kd", "crd", "cktf")  # default --methods: config file names ({method} in Setting.config)
 NEGATIVE_MODES = ("per-anchor", "shared")
 PHASES = ("augment", "teacher_fwd", "student_fwd", "sampler", "loss_fwd", "loss_bwd", "student_bwd", "optimizer")
 DISTINCT_IMAGES = 512  # random images generated once and cycled over the N_d items
@@ -229,10 +230,7 @@ def phased_step(engine: Engine, augment: Callable | None, batch: tuple[torch.Ten
     clock.lap("sampler")
     leaves = detached_taps(student_out)
     with autocast_context():
-        loss_batch = TransferBatch(leaves, teacher_out, indices, targets, negatives)
-        total = images.new_zeros((), dtype=torch.float32)
-        for name, term in task.terms.items():
-            total = total + task.weights[name] * sum(term(loss_batch).values())
+        total, _ = task.objective(TransferBatch(leaves, teacher_out, indices, targets, negatives))
     clock.lap("loss_fwd")
     engine.scaler.scale(total).backward()
     clock.lap("loss_bwd")
@@ -254,7 +252,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cktf-transfer-step-") as tmp:
         overrides = [*spec["overrides"], "--log.root", tmp, "--log.name", "transfer_step", "--sampler.cache_dir",
                      str(Path(tmp) / "neighbours")]
-        cfg = load_config(ROOT / setting.config.format(method=spec["method"]), TransferConfig, overrides)
+        cfg = load_config(config_path(setting, spec["method"]), TransferConfig, overrides)
         checkpoint = cfg.teacher.checkpoint
         if spec["teacher"] == "config" and checkpoint is not None and Path(checkpoint).is_file():
             teacher = str(checkpoint)
@@ -337,14 +335,25 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- parent side
 
 
-def variants(methods: list[str], negative_modes: list[str]) -> list[tuple[str, str | None]]:
-    """``(method, negatives)`` pairs in table order: KD first (no negatives), then each contrastive method."""
+def config_path(setting: Setting, method: str) -> Path:
+    """The config file of ``method`` in ``setting`` (``--methods`` names config files)."""
+    return ROOT / setting.config.format(method=method)
+
+
+def draws_negatives(setting: Setting, method: str) -> bool:
+    """Whether any term of ``method``'s config declares ``negatives`` (then both negative modes are measured)."""
+    cfg = load_config(config_path(setting, method), TransferConfig)
+    return any(spec.active and spec.needs.negatives for spec in resolve_terms(cfg.loss))
+
+
+def variants(setting: Setting, methods: list[str], negative_modes: list[str]) -> list[tuple[str, str | None]]:
+    """``(method, negatives)`` pairs in ``methods`` order; a method that draws negatives once per negative mode."""
     out: list[tuple[str, str | None]] = []
     for method in methods:
-        if method == "kd":
-            out.append((method, None))
-        else:
+        if draws_negatives(setting, method):
             out += [(method, mode) for mode in negative_modes]
+        else:
+            out.append((method, None))
     return out
 
 
@@ -393,13 +402,21 @@ HEADERS = ["setting", "method", "B", "K", "N_d", "obj", "steps", "step ms", "loa
            "teacher", "student", "sampler", "loss", "optim", "sum", "peak MiB"]
 
 
+def config_names(text: str) -> list[str]:
+    """argparse type: a non-empty comma-separated list of config names (checked against the settings later)."""
+    names = [v for v in text.split(",") if v]
+    if not names or any(not n.replace("_", "").isalnum() for n in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated config names, got {text!r}")
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                      epilog="Other --section.key VALUE arguments override config keys.")
     parser.add_argument("--settings", type=csv_choices(SETTINGS), default=list(SETTINGS),
                         help="comma-separated: " + ", ".join(SETTINGS))
-    parser.add_argument("--methods", type=csv_choices(METHODS), default=list(METHODS),
-                        help="comma-separated: " + ", ".join(METHODS))
+    parser.add_argument("--methods", type=config_names, default=list(METHODS),
+                        help="comma-separated config names of the settings (default: " + ", ".join(METHODS) + ")")
     parser.add_argument("--negative-modes", type=csv_choices(NEGATIVE_MODES), default=list(NEGATIVE_MODES),
                         help="negatives of CRD/CKTF, comma-separated: " + ", ".join(NEGATIVE_MODES))
     parser.add_argument("--steps", type=positive_int, help="timed steps (default: 3 stl10_vgg, 8 fashion)")
@@ -426,6 +443,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parse_overrides(overrides)
     except CKTFError as err:
         parser.error(str(err))
+    missing = [str(config_path(SETTINGS[name], method)) for name in args.settings for method in args.methods
+               if not config_path(SETTINGS[name], method).is_file()]
+    if missing:
+        parser.error(f"no config for --methods: {', '.join(missing)}")
     if args.warmup is not None and args.warmup < 0 or args.breakdown_steps is not None and args.breakdown_steps < 0:
         parser.error("--warmup and --breakdown-steps must be >= 0")
     return args, overrides
@@ -463,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config overrides: {' '.join(overrides)}", flush=True)
     rows = []
     for name in args.settings:
-        for method, negatives in variants(args.methods, args.negative_modes):
+        for method, negatives in variants(SETTINGS[name], args.methods, args.negative_modes):
             spec = worker_spec(args, overrides, name, method, negatives)
             rows.append(make_row(name, method, negatives, spawn_worker(Path(__file__).resolve(), spec, cwd=ROOT)))
             row = rows[-1]

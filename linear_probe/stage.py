@@ -18,18 +18,21 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from linear_probe.config import ProbeConfig
 from linear_probe.features import FeatureDataset, PixelFeatures, network_features
 from linear_probe.knn import knn_accuracy
 from linear_probe.probe import LinearProbe, ProbeTask
 from transfer.data import build_dataset
+from transfer.data.batch_augment import BatchTransform
 from transfer.data.indexed import IndexedSubset, holdout_split
 from transfer.data.transforms import build_transform
 from transfer.engine.checkpoint import read_metadata
 from transfer.engine.performance import check_runtime, prepare_network
 from transfer.engine.rundir import write_json
 from transfer.engine.runtime import resolve_device, seed_everything, set_threads
+from transfer.engine.trainer import Engine, FitResult
 from transfer.errors import CKTFError
 from transfer.models import build_model
 from transfer.models.checkpoints import load_network
@@ -92,82 +95,109 @@ def _labeled(dataset, split: str, name: str):
     return dataset
 
 
-def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRequest()) -> dict:
-    """Probe the backbone described by ``cfg``/``student``; returns the metrics written to metrics.json."""
-    set_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    check_runtime(device, cfg.train)
+@dataclass
+class ProbeData:
+    """The labeled splits of a probe, all with the evaluation transform.
+
+    ``keep``/``held`` index ``train`` when the validation set is held out of it (``data.val_fraction``);
+    ``val`` is the separate ``data.val_split`` otherwise (or ``None``).
+    """
+
+    train: Dataset
+    test: Dataset
+    val: Dataset | None
+    keep: list[int]
+    held: list[int]
+
+
+@dataclass
+class Features:
+    """Penultimate features (and labels) extracted once: all of the train split, and the test split."""
+
+    train: torch.Tensor
+    labels: torch.Tensor
+    test: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def probe_data(cfg: ProbeConfig) -> ProbeData:
+    """The labeled train/test (and validation) splits of ``cfg.data`` with the evaluation transform."""
     d = cfg.data
     eval_tf = build_transform(d.name, train=False, image_size=d.image_size)
-    train_eval = _labeled(build_dataset(d.name, d.train_split, d.root, eval_tf, **d.options), d.train_split, d.name)
+    train = _labeled(build_dataset(d.name, d.train_split, d.root, eval_tf, **d.options), d.train_split, d.name)
     if d.test_split is None:
         raise CKTFError("data.test_split is not set; the probe evaluates on it after every epoch")
     test = _labeled(build_dataset(d.name, d.test_split, d.root, eval_tf, **d.options), d.test_split, d.name)
-    backbone = _backbone(cfg, student, train_eval.in_channels)
-    if backbone.in_channels is not None and backbone.in_channels != train_eval.in_channels:
-        raise CKTFError(f"{backbone.source} takes {backbone.in_channels}-channel images but {d.name} has "
-                        f"{train_eval.in_channels}")
-    module = prepare_network(backbone.module, device, channels_last=cfg.train.channels_last)
-
-    keep = list(range(len(train_eval)))
-    held: list[int] = []
-    val_eval = None
+    keep, held, val = list(range(len(train))), [], None
     if d.val_split is not None:
-        val_eval = _labeled(build_dataset(d.name, d.val_split, d.root, eval_tf, **d.options), d.val_split, d.name)
+        val = _labeled(build_dataset(d.name, d.val_split, d.root, eval_tf, **d.options), d.val_split, d.name)
     elif d.val_fraction > 0:
-        keep, held = holdout_split(len(train_eval), d.val_fraction, cfg.train.seed)
-    workers, batch = d.num_workers, cfg.train.eval_batch_size
-    t0 = time.perf_counter()
-    feats, labels = extract_features(module, train_eval, batch, device, workers)
-    test_feats, test_labels = extract_features(module, test, batch, device, workers)
-    train_feats, train_labels = feats[keep], labels[keep]
-    seed_everything(cfg.train.seed)
-    stats = (train_feats.mean(0), train_feats.std(0)) if cfg.probe.standardize else (None, None)
-    probe = LinearProbe(feats.shape[1], train_eval.num_classes, *stats)
+        keep, held = holdout_split(len(train), d.val_fraction, cfg.train.seed)
+    return ProbeData(train, test, val, keep, held)
 
-    augment = None
+
+def extract_all(module: nn.Module, data: ProbeData, cfg: ProbeConfig, device: torch.device) -> Features:
+    """The frozen backbone's features of the whole train split and of the test split."""
+    batch, workers = cfg.train.eval_batch_size, cfg.data.num_workers
+    feats, labels = extract_features(module, data.train, batch, device, workers)
+    test_feats, test_labels = extract_features(module, data.test, batch, device, workers)
+    return Features(feats, labels, test_feats, test_labels)
+
+
+def probe_training(cfg: ProbeConfig, module: nn.Module, probe: LinearProbe, data: ProbeData, feats: Features,
+                   device: torch.device) -> tuple[ProbeTask, Dataset, dict[str, Dataset], BatchTransform | None]:
+    """``(task, training set, evaluation sets, batched augmentation)`` for ``probe.mode``.
+
+    ``cached``: the linear layer trains on the features extracted once; ``augment``: features are computed per
+    batch from augmented images, through the frozen backbone.
+    """
+    d, keep, held = cfg.data, data.keep, data.held
     if cfg.probe.mode == "cached":
-        task = ProbeTask(nn.Identity(), probe)
-        train_set = FeatureDataset(train_feats, train_labels)
-        evals = {"test": FeatureDataset(test_feats, test_labels)}
+        evals: dict[str, Dataset] = {"test": FeatureDataset(feats.test, feats.test_labels)}
         if held:
-            evals["val"] = FeatureDataset(feats[held], labels[held])
-        elif val_eval is not None:
-            evals["val"] = FeatureDataset(*extract_features(module, val_eval, batch, device, workers))
-    else:
-        task = ProbeTask(module, probe)
-        train_tf, augment = train_pipeline(d)
-        train_set = build_dataset(d.name, d.train_split, d.root, train_tf, **d.options)
-        evals = {"test": test}
-        if held:
-            train_set = IndexedSubset(train_set, keep)
-            evals["val"] = IndexedSubset(train_eval, held)
-        elif val_eval is not None:
-            evals["val"] = val_eval
+            evals["val"] = FeatureDataset(feats.train[held], feats.labels[held])
+        elif data.val is not None:
+            evals["val"] = FeatureDataset(*extract_features(module, data.val, cfg.train.eval_batch_size, device,
+                                                            d.num_workers))
+        return (ProbeTask(nn.Identity(), probe), FeatureDataset(feats.train[keep], feats.labels[keep]), evals,
+                None)
+    train_tf, augment = train_pipeline(d)
+    train_set = build_dataset(d.name, d.train_split, d.root, train_tf, **d.options)
+    evals = {"test": data.test}
+    if held:
+        train_set = IndexedSubset(train_set, keep)
+        evals["val"] = IndexedSubset(data.train, held)
+    elif data.val is not None:
+        evals["val"] = data.val
+    return ProbeTask(module, probe), train_set, evals, augment
 
-    metadata = {"kind": "probe", "method": backbone.label, "backbone": backbone.source}
-    option = "probe.out" if cfg.probe.out else "probe.out (default: <checkpoint's run dir>/probe)"
-    describe = (f"probe ({cfg.probe.mode}): {backbone.source} on {d.name}/{d.train_split} ({len(train_labels)} "
-                f"labeled, test {len(test_labels)})")
-    engine = open_run(backbone.out, option, cfg, task, device, metadata, request, describe=describe,
-                      data_root=getattr(train_eval, "root", None), tag_map=probe_tag)
-    out, logger = engine.run, engine.logger
-    cpu_or_pin = device if cfg.probe.mode == "augment" else torch.device("cpu")
+
+def fit_probe(engine: Engine, cfg: ProbeConfig, train_set: Dataset, evals: dict[str, Dataset],
+              augment: BatchTransform | None, device: torch.device) -> FitResult:
+    """Train the probe, evaluating every epoch; a validation split (never the test split) selects the best."""
+    augmented = cfg.probe.mode == "augment"
+    cpu_or_pin = device if augmented else torch.device("cpu")
     loader = make_loader(train_set, cfg.train.batch_size, train=True,
-                         num_workers=workers if cfg.probe.mode == "augment" else 0, device=cpu_or_pin,
-                         random_items=cfg.probe.mode == "augment" and augment is None)
-    eval_loaders = {name: make_loader(ds, batch, train=False, num_workers=0, device=cpu_or_pin)
+                         num_workers=cfg.data.num_workers if augmented else 0, device=cpu_or_pin,
+                         random_items=augmented and augment is None)
+    eval_loaders = {name: make_loader(ds, cfg.train.eval_batch_size, train=False, num_workers=0, device=cpu_or_pin)
                     for name, ds in evals.items()}
-    result = engine.fit(loader, eval_loaders, select="val/acc" if "val" in evals else None, augment=augment)
+    return engine.fit(loader, eval_loaders, select="val/acc" if "val" in evals else None, augment=augment)
 
-    knn = None
-    if cfg.probe.knn_k > 0:
-        knn = knn_accuracy(train_feats, train_labels, test_feats, test_labels, train_eval.num_classes,
-                           k=cfg.probe.knn_k, temperature=cfg.probe.knn_temperature)
-        logger.scalars({"knn_acc": knn}, len(result.history))
-    logger.close()
+
+def knn_probe(cfg: ProbeConfig, feats: Features, data: ProbeData) -> float | None:
+    """Weighted kNN accuracy on the test split from the probe-train features (``probe.knn_k`` 0: none)."""
+    if cfg.probe.knn_k <= 0:
+        return None
+    return knn_accuracy(feats.train[data.keep], feats.labels[data.keep], feats.test, feats.test_labels,
+                        data.train.num_classes, k=cfg.probe.knn_k, temperature=cfg.probe.knn_temperature)
+
+
+def probe_metrics(cfg: ProbeConfig, backbone: Backbone, result: FitResult, knn: float | None, data: ProbeData,
+                  seconds: float) -> dict:
+    """What ``metrics.json`` records of a probe: the last epoch, the best-validation epoch, kNN, sizes, times."""
     best = result.history[result.best_epoch - 1] if result.best_epoch else None
-    metrics = {
+    return {
         "kind": "probe",
         "method": backbone.label,
         "seed": cfg.train.seed,
@@ -180,10 +210,44 @@ def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRe
         "test_acc_at_best": best.get("test/acc") if best else None,
         "knn_acc": knn,
         "transfer_seconds": backbone.transfer_seconds,
-        "probe_seconds": time.perf_counter() - t0,
+        "probe_seconds": seconds,
         "run": str(backbone.source),
-        "train_items": len(train_labels),
-        "test_items": len(test_labels),
+        "train_items": len(data.keep),
+        "test_items": len(data.test),
     }
-    write_json(out.metrics, metrics)
+
+
+def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRequest()) -> dict:
+    """Probe the backbone described by ``cfg``/``student``; returns the metrics written to metrics.json."""
+    set_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    check_runtime(device, cfg.train)
+    d = cfg.data
+    data = probe_data(cfg)
+    backbone = _backbone(cfg, student, data.train.in_channels)
+    if backbone.in_channels is not None and backbone.in_channels != data.train.in_channels:
+        raise CKTFError(f"{backbone.source} takes {backbone.in_channels}-channel images but {d.name} has "
+                        f"{data.train.in_channels}")
+    module = prepare_network(backbone.module, device, channels_last=cfg.train.channels_last)
+    t0 = time.perf_counter()
+    feats = extract_all(module, data, cfg, device)
+    train_feats = feats.train[data.keep]
+    seed_everything(cfg.train.seed)
+    stats = (train_feats.mean(0), train_feats.std(0)) if cfg.probe.standardize else (None, None)
+    probe = LinearProbe(feats.train.shape[1], data.train.num_classes, *stats)
+    task, train_set, evals, augment = probe_training(cfg, module, probe, data, feats, device)
+
+    metadata = {"kind": "probe", "method": backbone.label, "backbone": backbone.source}
+    option = "probe.out" if cfg.probe.out else "probe.out (default: <checkpoint's run dir>/probe)"
+    describe = (f"probe ({cfg.probe.mode}): {backbone.source} on {d.name}/{d.train_split} ({len(data.keep)} "
+                f"labeled, test {len(data.test)})")
+    engine = open_run(backbone.out, option, cfg, task, device, metadata, request, describe=describe,
+                      data_root=getattr(data.train, "root", None), tag_map=probe_tag)
+    result = fit_probe(engine, cfg, train_set, evals, augment, device)
+    knn = knn_probe(cfg, feats, data)
+    if knn is not None:
+        engine.logger.scalars({"knn_acc": knn}, len(result.history))
+    engine.logger.close()
+    metrics = probe_metrics(cfg, backbone, result, knn, data, time.perf_counter() - t0)
+    write_json(engine.run.metrics, metrics)
     return metrics
