@@ -24,6 +24,9 @@ from transfer.tasks.transfer import TransferTask
 CONFIGS = Path(__file__).resolve().parents[1] / "configs/fashion_split"
 
 
+REFERENCE_MCKT = LossConfig(nce=NCEConfig(stage_pool="reference", stage_norm="batch"), terms={"mckt": {"weight": 1.0}})
+
+
 def by_hand(x: torch.Tensor, window: int) -> torch.Tensor:
     """Batch-dim L2 normalisation then a window x window average pool, written with loops."""
     b, c, h, w = x.shape
@@ -89,7 +92,7 @@ def test_head_input_sizes_under_reference_pooling(size, expected):
     s_shapes = student.shapes(shape)
     ctx = TermContext(student.channels(shape), teacher.channels(shape), 10,
                       student_shapes=s_shapes, teacher_shapes=teacher.shapes(shape), student_pool=8, teacher_pool=None)
-    terms, _ = build_terms(LossConfig(nce=NCEConfig(stage_pool="reference", stage_norm="batch"), terms={"mckt": {"weight": 1.0}}), ctx)
+    terms, _ = build_terms(REFERENCE_MCKT, ctx)
     pairs = terms["mckt"].pairs
     assert {name: pairs[name].head_student.in_dim for name in expected} == expected
     assert pairs["stage1"].head_teacher.in_dim == 128  # VGG: global pool, channels only
@@ -104,7 +107,7 @@ def test_stem_is_pooled_like_the_stages_but_never_batch_normalised():
     ctx = TermContext(student.channels(shape), student.channels(shape), 10,
                       student_shapes=student.shapes(shape), teacher_shapes=student.shapes(shape), student_pool=8,
                       teacher_pool=8)
-    terms, _ = build_terms(LossConfig(nce=NCEConfig(stage_pool="reference", stage_norm="batch"), terms={"mckt": {"weight": 1.0}}), ctx)
+    terms, _ = build_terms(REFERENCE_MCKT, ctx)
     pairs = terms["mckt"].pairs
     assert not pairs["stem"].reduce_student.batch_norm and pairs["stem"].reduce_student.window == 8
     assert pairs["stage1"].reduce_student.batch_norm and pairs["stage2"].reduce_teacher.batch_norm
