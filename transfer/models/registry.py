@@ -6,7 +6,7 @@ the :class:`TapSpec` factory that says where its stem/stages/penultimate/logits 
 Parameter counts are tabulated in each family module's docstring.
 
 Each entry also declares how the published CKTF code pools this family's intermediate maps
-(``reference_pool``), so ``loss.stage_pool reference`` never has to guess a family from a name.
+(``reference_pool``), so ``loss.nce.stage_pool reference`` never has to guess a family from a name.
 
 Any torchvision classification model can be used as ``torchvision.<arch>`` (e.g.
 ``torchvision.resnet18``, ``torchvision.mobilenet_v3_small``): it is built with

@@ -275,7 +275,7 @@ class FeatureTaps(nn.Module):
     def shapes(self, input_shape: tuple[int, int, int]) -> dict[str, Any]:
         """Per-sample shapes (batch dimension dropped) of every tap, structured like :meth:`channels`.
 
-        Heads that flatten a spatially pooled map (``loss.stage_pool reference``) need the spatial size,
+        Heads that flatten a spatially pooled map (``loss.nce.stage_pool reference``) need the spatial size,
         not only the width.
         """
         out = self._dry_run(input_shape)
