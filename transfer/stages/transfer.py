@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -37,16 +36,6 @@ from transfer.stages.common import RunRequest, extract_features, make_loader, op
 from transfer.tasks.transfer import TransferTask
 
 CALIBRATION_ITEMS = 64  # seeded items on which a term may decide something before training (layer mapping)
-
-
-@dataclass
-class Pools:
-    """The transfer pool twice: with the training pipeline (``train`` + ``augment``) and the eval transform."""
-
-    train: Dataset
-    augment: BatchTransform | None
-    eval: Dataset
-    eval_transform: Callable
 
 
 def _spec(name: str, model: torch.nn.Module, taps: dict, option: str) -> TapSpec:
@@ -187,6 +176,7 @@ def open_transfer_run(cfg: TransferConfig, task: TransferTask, teacher: LoadedNe
 
 
 def write_transfer_metrics(engine: Engine, cfg: TransferConfig, result: FitResult, started: float) -> None:
+    """``metrics.json`` of the run: method, terms with their resolved options, first/final epoch, times."""
     write_json(engine.run.metrics, {
         "kind": "transfer",
         "method": cfg.loss.method,
