@@ -113,6 +113,7 @@ def cli(ctx: click.Context) -> None:
 
     \b
     1. cktf train-teacher   supervised teacher on a labeled source domain
+       cktf import-teacher  or: pretrained weights (torchvision, .pth, .safetensors)
     2. cktf transfer        KD / CRD / CKTF to a student on the unlabeled target
     3. cktf probe           linear probe of the frozen student on the target
     4. cktf compare         convergence curves and a table of several runs
@@ -179,7 +180,8 @@ def train_teacher_cmd(config_path: str, resume: bool, overwrite: bool, allow_cha
 @cli.command("transfer", cls=ConfigCommand, schema=TransferConfig, context_settings=OVERRIDABLE)
 @_CONFIG
 @click.option("--teacher", "teacher_path", type=click.Path(dir_okay=False),
-              help="Teacher checkpoint (best.safetensors of cktf train-teacher); sets teacher.checkpoint.")
+              help="Teacher checkpoint (best.safetensors of cktf train-teacher, or written by cktf "
+              "import-teacher); sets teacher.checkpoint.")
 @run_options("<log.root>/<log.name>")
 @verbosity_options
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--section.key VALUE]...")
@@ -203,6 +205,76 @@ def transfer_cmd(config_path: str, teacher_path: str | None, resume: bool, overw
         msg += (f"  loss {first['train/loss_epoch']:.4f} (epoch 1) -> {final['train/loss_epoch']:.4f} "
                 f"(epoch {int(final['epoch'])})")
     click.echo(msg)
+
+
+def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    """``0.485,0.456,0.406`` -> a tuple of floats (one per channel)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _mapping(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
+    """A YAML/JSON mapping given inline, e.g. ``{stem: maxpool, stages: [layer1], ...}``."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(value)
+    except yaml.YAMLError:
+        loaded = None
+    if not isinstance(loaded, dict):
+        raise click.BadParameter(f"expected a mapping such as '{{stem: maxpool, stages: [layer1, layer2], "
+                                 f"penultimate: flatten, logits: fc}}', got {value!r}")
+    return loaded
+
+
+@cli.command("import-teacher")
+@click.option("--arch", required=True, help="Architecture of the weights: a registry name (cktf models) or "
+              "torchvision.<arch>, e.g. torchvision.resnet50.")
+@click.option("--weights", required=True, type=click.Path(dir_okay=False),
+              help="A PyTorch state dict (.pth/.pt, read with weights_only: pickled code is refused) or a "
+              ".safetensors file; a 'module.'/'model.' key prefix and a {'state_dict': ...} wrapper are undone.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Teacher checkpoint to write (.safetensors), for cktf transfer --teacher.")
+@click.option("--num-classes", type=click.IntRange(1), default=None,
+              help="Classes of the classifier  [default: read off the weights]")
+@click.option("--in-channels", type=click.IntRange(1), default=None,
+              help="Input channels  [default: read off the weights; 3 for torchvision]")
+@click.option("--image-size", type=click.IntRange(8), default=None,
+              help="Side length the network expects; transfer and probe resize to it unless data.image_size is "
+              "set  [default: 224 for torchvision, else the dataset's]")
+@click.option("--mean", callback=_floats, default=None, metavar="M1,M2,M3",
+              help="Normalisation mean the network expects  [default: ImageNet's for torchvision]")
+@click.option("--std", callback=_floats, default=None, metavar="S1,S2,S3",
+              help="Normalisation std the network expects  [default: ImageNet's for torchvision]")
+@click.option("--taps", callback=_mapping, default=None, metavar="MAPPING",
+              help="Tap node names for architectures without default taps (YAML/JSON mapping with stem, stages, "
+              "penultimate, logits).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@verbosity_options
+def import_teacher_cmd(arch: str, weights: str, out: str, num_classes: int | None, in_channels: int | None,
+                       image_size: int | None, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
+                       taps: dict | None, overwrite: bool) -> None:
+    """Import pretrained weights (e.g. torchvision's ImageNet ones) as a teacher for cktf transfer.
+
+    Checks that every key and shape of the weights fits ARCH and that the network runs, then writes a
+    teacher checkpoint recording the architecture, classes, taps and the input size and normalisation it
+    expects. Nothing is downloaded.
+    """
+    from pathlib import Path
+
+    from transfer.stages.import_teacher import ImportRequest, import_teacher
+
+    done = import_teacher(ImportRequest(arch, Path(weights), Path(out), num_classes, in_channels, image_size, mean,
+                                        std, taps, overwrite))
+    size = done.input.image_size or "dataset default"
+    click.echo(f"done: {done.path}  {done.arch}, {done.in_channels} channels, {done.num_classes} classes, "
+               f"{done.parameters / 1e6:.1f}M parameters, input {size}")
 
 
 def _probe_schema() -> type:

@@ -14,19 +14,25 @@ from torch.utils.data import DataLoader
 
 from transfer.config import TransferConfig
 from transfer.data import build_dataset
-from transfer.data.transforms import build_transform
 from transfer.engine.performance import check_runtime, prepare_network
 from transfer.engine.rundir import run_path, write_json
 from transfer.engine.runtime import resolve_device, seed_everything, set_threads
 from transfer.engine.trainer import FitResult
 from transfer.errors import CKTFError
-from transfer.losses.layer_mapping import check_stage_counts, select_teacher_blocks
-from transfer.losses.terms import TermContext, build_terms
+from transfer.losses.objective import build_objective
 from transfer.models import FeatureTaps, TapSpec, build_model, tap_spec_for
 from transfer.models.checkpoints import freeze, load_network
+from transfer.models.input_spec import InputSpec, check_channels, follow_recorded_input
 from transfer.models.registry import reference_pool
 from transfer.sampling import build_sampler, cached_neighbour_table, file_sha256
-from transfer.stages.common import RunRequest, extract_features, make_loader, open_run, train_pipeline
+from transfer.stages.common import (
+    RunRequest,
+    eval_transform,
+    extract_features,
+    make_loader,
+    open_run,
+    train_pipeline,
+)
 from transfer.tasks.transfer import TransferTask
 
 
@@ -40,34 +46,10 @@ def embed_pool(teacher: FeatureTaps, dataset, batch_size: int, device: torch.dev
     return extract_features(lambda images: teacher(images).penultimate, dataset, batch_size, device, workers)[0]
 
 
-def _initial_mapping(cfg: TransferConfig, student: FeatureTaps, teacher: FeatureTaps, dataset) -> list[int]:
-    """The teacher block of each stage to start from (and, for ``mapping_schedule once``, to keep).
-
-    ``once`` decides here, on a seeded calibration batch of 64 items with the untrained student. A choice
-    made per batch starts from the stages' last blocks; they only size the heads, which fit every block.
-    """
-    strategy = cfg.loss.layer_mapping
-    if cfg.loss.mapping_schedule == "per_batch" and strategy in ("random", "largest", "smallest"):
-        strategy = "last"
-    num_items = len(dataset)
-    calib_ids = torch.randperm(num_items, generator=torch.Generator().manual_seed(cfg.train.seed))[:64].tolist()
-    calib = torch.stack([dataset[i][0] for i in calib_ids])
-    student.eval()
-    with torch.no_grad():
-        return select_teacher_blocks(strategy, student(calib), teacher(calib),
-                                     torch.Generator().manual_seed(cfg.train.seed))
-
-
-def _check_per_batch_shapes(strategy: str, student: dict, teacher: dict) -> None:
-    """``largest``/``smallest`` per batch compare whole maps, so each stage's maps need one spatial size."""
-    if strategy not in ("largest", "smallest") or not teacher["blocks"]:
-        return
-    for i, (s_shape, blocks) in enumerate(zip(student["stages"], teacher["blocks"], strict=True)):
-        for t_shape in blocks:
-            if tuple(s_shape[1:]) != tuple(t_shape[1:]):
-                raise CKTFError(f"loss.mapping_schedule per_batch with loss.layer_mapping {strategy} compares whole "
-                                f"maps, but stage {i + 1} has student map {tuple(s_shape)} and teacher block "
-                                f"{tuple(t_shape)}; use mapping_schedule once")
+def _calibration_batch(dataset, seed: int, size: int = 64) -> torch.Tensor:
+    """A seeded sample of ``size`` items (eval transform) that sizes the heads and decides a ``once`` mapping."""
+    ids = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size].tolist()
+    return torch.stack([dataset[i][0] for i in ids])
 
 
 def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> FitResult:
@@ -83,13 +65,15 @@ def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> Fit
         raise CKTFError("no teacher given: pass --teacher PATH (a best.safetensors written by cktf train-teacher)")
     teacher_net = load_network(cfg.teacher.checkpoint, prefix="model.", kinds=("teacher",), option="--teacher")
     teacher_taps = cfg.teacher.taps or teacher_net.taps
+    follow_recorded_input(cfg.data, teacher_net.input, f"teacher {cfg.teacher.checkpoint}")
 
     train_tf, augment = train_pipeline(cfg.data)
-    eval_tf = build_transform(cfg.data.name, train=False, image_size=cfg.data.image_size)
+    eval_tf = eval_transform(cfg.data)
     pool = build_dataset(cfg.data.name, cfg.data.train_split, cfg.data.root, train_tf, **cfg.data.options)
     if pool.in_channels != teacher_net.in_channels:
         raise CKTFError(f"teacher {cfg.teacher.checkpoint} takes {teacher_net.in_channels}-channel images but "
                         f"{cfg.data.name}/{cfg.data.train_split} has {pool.in_channels} channels")
+    check_channels(cfg.data, pool.in_channels)
     num_items = len(pool)
 
     seed_everything(cfg.train.seed)
@@ -98,21 +82,13 @@ def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> Fit
     t_spec = _spec(teacher_net.name, teacher_net.model, teacher_taps, "teacher.taps")
     teacher = FeatureTaps(freeze(teacher_net.model), t_spec, with_blocks=cfg.loss.layer_mapping != "last")
     freeze(teacher)
-    if cfg.loss.mckt > 0:
-        check_stage_counts(len(student.spec.stages), len(t_spec.stages), cfg.student.name, teacher_net.name)
 
     probe_ds = build_dataset(cfg.data.name, cfg.data.train_split, cfg.data.root, eval_tf, **cfg.data.options)
-    shape = tuple(probe_ds[0][0].shape)
-    student_shapes, teacher_shapes = student.shapes(shape), teacher.shapes(shape)
-    mapping = _initial_mapping(cfg, student, teacher, probe_ds)
-    if cfg.loss.mckt > 0 and cfg.loss.mapping_schedule == "per_batch":
-        _check_per_batch_shapes(cfg.loss.layer_mapping, student_shapes, teacher_shapes)
     pools = ((reference_pool(cfg.student.name), reference_pool(teacher_net.name))
              if cfg.loss.stage_pool == "reference" else (None, None))
-    ctx = TermContext(student.channels(shape), teacher.channels(shape), num_items, mapping,
-                      student_shapes=student_shapes, teacher_shapes=teacher_shapes, student_pool=pools[0],
-                      teacher_pool=pools[1], seed=cfg.train.seed)
-    terms, weights = build_terms(cfg.loss, ctx)
+    objective = build_objective(cfg.loss, student, teacher, num_items, _calibration_batch(probe_ds, cfg.train.seed),
+                                seed=cfg.train.seed, pools=pools, names=(cfg.student.name, teacher_net.name))
+    terms, weights, mapping = objective.terms, objective.weights, objective.mapping
 
     sampler = None
     if any(term.needs_negatives for term in terms.values()):
@@ -143,6 +119,7 @@ def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> Fit
         "teacher_model": teacher_net.name,
         "layer_mapping": json.dumps(mapping if cfg.loss.mapping_schedule == "once" else cfg.loss.mapping_schedule),
         "dataset": cfg.data.name,
+        **InputSpec.of_data(cfg.data).to_metadata(),
     }
     describe = (f"transfer ({cfg.loss.method}): {teacher_net.name} -> {cfg.student.name} on "
                 f"{cfg.data.name}/{cfg.data.train_split} ({num_items} images)")
