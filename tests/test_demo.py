@@ -13,15 +13,18 @@ from transfer.config import TeacherConfig, load_config
 PREFIX = CONFIGS.name
 
 
-def test_plan_covers_methods_controls_and_seeds(tmp_path):
-    steps, compared = plan(tmp_path, [0, 1])
+@pytest.mark.parametrize("configs", [CONFIGS, CONFIGS.parent / "fashion_split"])
+def test_plan_covers_methods_controls_and_seeds(tmp_path, configs):
+    steps, compared = plan(tmp_path, [0, 1], configs)
+    prefix = configs.name  # runs of different proxies never share a directory
     names = [s.run_dir.name for s in steps]
     for seed in (0, 1):
         for method in ("kd", "crd", "cktf", "cktf_untrained_teacher"):
-            assert f"{PREFIX}_{method}_s{seed}" in names
-        assert tmp_path / f"{PREFIX}_pixels_s{seed}" in compared
-    assert {tmp_path / f"{PREFIX}_teacher", tmp_path / f"{PREFIX}_ceiling"} <= set(compared)
-    untrained = next(s for s in steps if s.run_dir.name == f"{PREFIX}_teacher_untrained")
+            assert f"{prefix}_{method}_s{seed}" in names
+        assert tmp_path / f"{prefix}_pixels_s{seed}" in compared
+    assert {tmp_path / f"{prefix}_teacher", tmp_path / f"{prefix}_ceiling"} <= set(compared)
+    assert all(step.config.parent == configs for step in steps)
+    untrained = next(s for s in steps if s.run_dir.name == f"{prefix}_teacher_untrained")
     assert untrained.overrides[-2:] == ["--train.epochs", "0"]
     # every probe comes after the run it probes
     order = {s.run_dir: i for i, s in enumerate(steps)}
