@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from linear_probe.demo import CEILING_LABEL, CONFIGS, plan, student_name
-from tests.cli_helpers import invoke
+from tests.cli_helpers import invoke, one_line_error
 from tests.data_fixtures import write_fashion_idx
 from transfer.config import TeacherConfig, load_config
 
@@ -71,3 +71,23 @@ def test_demo_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     code, out = invoke(*args)
     assert code == 0 and (tmp_path / f"runs/{PREFIX}_cktf_s0/last.safetensors").stat().st_mtime_ns == stamp
     assert Path(tmp_path / "report/convergence.png").stat().st_size > 1000
+    code, out = invoke(*args, "--only-seeds", "1")
+    assert code == 0, out
+    stamp1 = (tmp_path / f"runs/{PREFIX}_kd_s1/probe/metrics.json").stat().st_mtime_ns
+    assert not (tmp_path / f"runs/{PREFIX}_teacher_s1").exists()
+    code, out = invoke(*args, "--seeds", "2")
+    assert code == 0 and "| kd | 0, 1 (2) |" in (tmp_path / "report/comparison.md").read_text(), out
+    assert (tmp_path / f"runs/{PREFIX}_kd_s1/probe/metrics.json").stat().st_mtime_ns == stamp1
+
+
+def test_demo_methods_and_only_seeds_are_checked(tmp_path):
+    steps, compared = plan(tmp_path, [0], CONFIGS, ("kd", "cktf_reference"))
+    names = {s.run_dir.name for s in steps}
+    assert {f"{PREFIX}_kd_s0", f"{PREFIX}_cktf_reference_s0"} <= names and f"{PREFIX}_crd_s0" not in names
+    code, out = invoke("demo", "--runs", str(tmp_path), "--methods", "kd,fitnet")
+    one_line_error(code, out, "--methods fitnet", "cktf_reference")
+    code, out = invoke("demo", "--runs", str(tmp_path), "--only-seeds", "1")
+    one_line_error(code, out, "--only-seeds", "shared runs finished first")
+    code, out = invoke("demo", "--runs", str(tmp_path), "--only-seeds", "one")
+    one_line_error(code, out, "--only-seeds 'one'")
+    assert not any(tmp_path.iterdir())

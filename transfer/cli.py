@@ -331,19 +331,39 @@ def compare_cmd(runs: tuple[str, ...], out: str, title: str | None) -> None:
               help="Directory for all runs of the demo.")
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1, 20),
               help="Transfer/probe seeds (0..N-1); the report shows mean ± std over them.")
-@click.option("--out", "report", default="reports/fashion_split", show_default=True,
-              type=click.Path(file_okay=False), help="Directory for the comparison report.")
+@click.option("--only-seeds", default=None, metavar="S1,S2",
+              help="Run the steps of these seeds only (e.g. 1,2: a second process next to one running seed 0); "
+              "the report still covers what --seeds names.")
+@click.option("--configs", "configs", default=None, type=click.Path(file_okay=False),
+              help="Proxy config directory (teacher, ceiling, probe and one YAML per method) [default: "
+              "configs/fashion_lowres].")
+@click.option("--methods", default="kd,crd,cktf", show_default=True, metavar="M1,M2",
+              help="Transfer methods: names of <configs>/<method>.yaml, e.g. kd,crd,cktf,cktf_reference.")
+@click.option("--out", "report", default=None, type=click.Path(file_okay=False),
+              help="Directory for the comparison report [default: reports/<proxy>].")
 @verbosity_options
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--section.key VALUE]...")
-def demo_cmd(runs_root: str, seeds: int, report: str, overrides: tuple[str, ...]) -> None:
-    """The whole pipeline on fashion_split: teacher, KD/CRD/CKTF transfers, probes, controls, comparison.
+def demo_cmd(runs_root: str, seeds: int, only_seeds: str | None, configs: str | None, methods: str,
+             report: str | None, overrides: tuple[str, ...]) -> None:
+    """The whole pipeline on the CPU proxy: teacher, KD/CRD/CKTF transfers, probes, controls, comparison.
 
-    Finished runs are reused and interrupted ones resumed, so running it again only does what is missing.
-    Overrides (e.g. --data.root DIR) apply to every step.
+    Controls: raw pixels, a randomly initialised student, the teacher's own features, CKTF from an untrained
+    teacher, and a supervised ceiling (the student trained with all target labels). Finished runs are reused
+    and interrupted ones resumed, so running it again only does what is missing. Overrides (e.g. --data.root
+    DIR) apply to every step.
     """
-    from linear_probe.demo import run_demo
+    from linear_probe.demo import CONFIGS, run_demo, run_seeds
 
-    paths = run_demo(runs_root, list(range(seeds)), report, overrides)
+    chosen = [m for m in methods.split(",") if m]
+    kwargs = {"configs": CONFIGS if configs is None else configs, "methods": tuple(chosen)}
+    if only_seeds is not None:
+        try:
+            subset = sorted({int(s) for s in only_seeds.split(",") if s.strip()})
+        except ValueError:
+            raise CKTFError(f"--only-seeds {only_seeds!r}: expected seed numbers like 1,2") from None
+        run_seeds(runs_root, subset, overrides, **kwargs)
+        return
+    paths = run_demo(runs_root, list(range(seeds)), report, overrides, **kwargs)
     click.echo(paths["md"].read_text())
     for kind, path in paths.items():
         click.echo(f"{kind}: {path}")
