@@ -37,10 +37,10 @@ test: setup
 lint: setup
 	$(BIN)/ruff check transfer linear_probe tests benchmarks
 
-# The demo: teacher -> KD, CRD, CKTF transfers -> probes -> controls -> comparison (reports/fashion_split).
+# The demo: teacher -> KD, CRD, CKTF transfers -> probes -> controls -> comparison (reports/fashion_lowres).
 # Finished runs are reused and interrupted ones resumed. `make demo SEEDS=3` gives mean ± std over 3 seeds.
 SEEDS ?= 1
-REPORT ?= reports/fashion_split
+REPORT ?= reports/fashion_lowres
 demo: setup
 	$(BIN)/cktf demo --runs $(RUNS) --seeds $(SEEDS) --out $(REPORT)
 

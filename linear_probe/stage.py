@@ -36,7 +36,14 @@ from transfer.engine.trainer import Engine, FitResult
 from transfer.errors import CKTFError
 from transfer.models import build_model
 from transfer.models.checkpoints import load_network
-from transfer.stages.common import RunRequest, extract_features, make_loader, open_run, train_pipeline
+from transfer.models.input_spec import InputSpec, check_channels, follow_recorded_input
+from transfer.stages.common import (
+    RunRequest,
+    extract_features,
+    make_loader,
+    open_run,
+    train_pipeline,
+)
 
 TAGS = {"test/acc": "probe/test_acc", "train/loss_epoch": "probe/train_loss", "val/acc": "probe/val_acc"}
 
@@ -85,6 +92,17 @@ def _backbone(cfg: ProbeConfig, student: str | None, in_channels: int) -> Backbo
                     seconds if meta["kind"] == "transfer" else None)
 
 
+def _recorded_input(student: str) -> InputSpec:
+    """The input size/normalisation the checkpoint records (nothing for files that are not cktf checkpoints,
+    which :func:`_backbone` then reports)."""
+    try:
+        return InputSpec.from_metadata(read_metadata(student))
+    except CKTFError:
+        return InputSpec()
+    except ValueError as err:
+        raise CKTFError(f"--student {student}: {err}") from None
+
+
 def _labeled(dataset, split: str, name: str):
     targets = torch.as_tensor(dataset.targets)
     if len(targets) == 0:
@@ -120,11 +138,17 @@ class Features:
     test_labels: torch.Tensor
 
 
-def probe_data(cfg: ProbeConfig) -> ProbeData:
-    """The labeled train/test (and validation) splits of ``cfg.data`` with the evaluation transform."""
+def probe_data(cfg: ProbeConfig, student: str | None) -> ProbeData:
+    """The labeled train/test (and validation) splits of ``cfg.data`` with the evaluation transform.
+
+    Unless ``data.image_size``/``mean``/``std`` are set, the input follows what ``student``'s checkpoint records.
+    """
     d = cfg.data
-    eval_tf = build_transform(d.name, train=False, image_size=d.image_size)
+    if cfg.probe.backbone == "checkpoint" and student is not None and Path(student).is_file():
+        follow_recorded_input(d, _recorded_input(student), f"--student {student}")
+    eval_tf = build_transform(d.name, train=False, image_size=d.image_size, mean=d.mean, std=d.std)
     train = _labeled(build_dataset(d.name, d.train_split, d.root, eval_tf, **d.options), d.train_split, d.name)
+    check_channels(d, train.in_channels)
     if d.test_split is None:
         raise CKTFError("data.test_split is not set; the probe evaluates on it after every epoch")
     test = _labeled(build_dataset(d.name, d.test_split, d.root, eval_tf, **d.options), d.test_split, d.name)
@@ -223,7 +247,7 @@ def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRe
     device = resolve_device(cfg.train.device)
     check_runtime(device, cfg.train)
     d = cfg.data
-    data = probe_data(cfg)
+    data = probe_data(cfg, student)
     backbone = _backbone(cfg, student, data.train.in_channels)
     if backbone.in_channels is not None and backbone.in_channels != data.train.in_channels:
         raise CKTFError(f"{backbone.source} takes {backbone.in_channels}-channel images but {d.name} has "

@@ -13,6 +13,8 @@ from tests.cli_helpers import assert_one_line
 from tests.data_fixtures import write_fashion_idx, write_idx
 from transfer.data import IndexedSubset, build_dataset, holdout_split
 from transfer.data import fashion_mnist as fm
+from transfer.data.fashion_mnist import CLASSES
+from transfer.data.fashion_split import SPLITS
 from transfer.errors import CKTFError
 
 REAL = Path("/usr/share/datasets/fashion-mnist")
@@ -187,3 +189,93 @@ def test_real_fashion_mnist_sizes():
         ds = build_dataset("fashion_split", split, None)
         assert len(ds) == size
     assert torch.bincount(ds.targets).tolist() == [1000] * 5
+    halves = {"source_train": 30000, "source_test": 5000, "target_unlabeled": 30000, "target_test": 5000}
+    for split, size in halves.items():
+        assert len(build_dataset("fashion_split", split, None, source_classes=list(range(10)),
+                                 target_classes=list(range(10)), split_images=True)) == size
+
+
+ALL = list(range(10))
+
+
+def _halves(tmp_path, split, **options):
+    return build_dataset("fashion_split", split, tmp_path, source_classes=ALL, target_classes=ALL, split_images=True,
+                         **options)
+
+
+def test_split_images_gives_disjoint_halves_with_shared_classes(tmp_path, fashion):
+    for part, total in (("train", 200), ("test", 100)):
+        source = _halves(tmp_path, f"source_{part}")
+        target = _halves(tmp_path, "target_unlabeled" if part == "train" else "target_test")
+        src, tgt = set(source.fashion_indices.tolist()), set(target.fashion_indices.tolist())
+        assert not src & tgt and src | tgt == set(range(total)) and len(src) == total // 2
+        assert source.num_classes == target.num_classes == 10
+        assert all(_original_class(source[i][0]) == source.classes.index(CLASSES[source[i][1]])
+                   for i in range(len(source)))
+    # the halves do not move with split_seed (a probe with another seed must not see teacher images)
+    assert torch.equal(_halves(tmp_path, "source_train", split_seed=3).fashion_indices,
+                       _halves(tmp_path, "source_train").fashion_indices)
+    labeled = _halves(tmp_path, "target_labeled")
+    assert torch.equal(labeled.fashion_indices, _halves(tmp_path, "target_unlabeled").fashion_indices)
+    assert (labeled.targets >= 0).all()
+
+
+def test_split_images_respects_labels_per_class_within_the_target_half(tmp_path, fashion):
+    pool = _halves(tmp_path, "target_unlabeled")
+    labeled = _halves(tmp_path, "target_train", labels_per_class=3)
+    assert torch.bincount(labeled.targets, minlength=10).tolist() == [3] * 10
+    assert set(labeled.fashion_indices.tolist()) <= set(pool.fashion_indices.tolist())
+    smallest = int(torch.bincount(_halves(tmp_path, "target_labeled").targets).min())
+    with pytest.raises(CKTFError) as excinfo:
+        _halves(tmp_path, "target_train", labels_per_class=smallest + 1)
+    assert_one_line(excinfo, f"labels_per_class={smallest + 1}")
+
+
+def test_target_labeled_is_the_whole_pool_with_labels(tmp_path, fashion):
+    pool = build_dataset("fashion_split", "target_unlabeled", tmp_path)
+    labeled = build_dataset("fashion_split", "target_labeled", tmp_path)
+    assert torch.equal(pool.fashion_indices, labeled.fashion_indices) and torch.equal(pool.data, labeled.data)
+    assert [labeled.classes[t] for t in labeled.targets.tolist()] == [
+        CLASSES[_original_class(image)] for image in labeled.data]
+
+
+def test_target_shift_applies_to_target_splits_only(tmp_path, fashion):
+    raw = {part: build_dataset("fashion_mnist", part, tmp_path).data for part in ("train", "test")}
+    for split in SPLITS:
+        ds = build_dataset("fashion_split", split, tmp_path, target_shift="invert", labels_per_class=3)
+        original = raw["test" if split.endswith("_test") else "train"][ds.fashion_indices]
+        expected = original if split.startswith("source") else 255 - original
+        assert torch.equal(ds.data, expected), split
+        assert torch.equal(ds[0][0], expected[0])
+
+
+def test_shifted_probe_subset_is_pixel_identical_to_the_pool(tmp_path, fashion):
+    pool = _halves(tmp_path, "target_unlabeled", target_shift=["noise", "lowres"])
+    labeled = _halves(tmp_path, "target_train", target_shift=["noise", "lowres"], labels_per_class=3)
+    row = {int(index): i for i, index in enumerate(pool.fashion_indices)}
+    for i, index in enumerate(labeled.fashion_indices.tolist()):
+        assert torch.equal(labeled.data[i], pool.data[row[index]])
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"split_images": "yes"}, "split_images='yes'"),
+        ({"split_images": 1}, "split_images=1"),
+        ({"source_classes": [1, 2], "target_classes": [2, 3], "split_images": False}, "split_images: true"),
+        ({"target_shift": "sepia"}, "target_shift"),
+        ({"target_shift": ["blur", "blur"]}, "target_shift"),
+    ],
+)
+def test_bad_split_images_and_target_shift_options(tmp_path, fashion, options, expected):
+    with pytest.raises(CKTFError) as excinfo:
+        build_dataset("fashion_split", "target_train", tmp_path, labels_per_class=3, **options)
+    assert_one_line(excinfo, expected)
+
+
+def test_defaults_are_unchanged_by_the_new_options(tmp_path, fashion):
+    for split in SPLITS:
+        plain = build_dataset("fashion_split", split, tmp_path, labels_per_class=3)
+        explicit = build_dataset("fashion_split", split, tmp_path, labels_per_class=3, split_images=False,
+                                 target_shift="none")
+        assert torch.equal(plain.fashion_indices, explicit.fashion_indices) and torch.equal(plain.data, explicit.data)

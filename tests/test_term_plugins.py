@@ -278,3 +278,28 @@ def test_frozen_networks_stay_in_eval_get_no_gradients_and_stay_out_of_checkpoin
     other.load_checkpoint_state(state)  # the frozen part is not expected back
     with pytest.raises(RuntimeError, match="missing"):
         other.load_checkpoint_state({k: v for k, v in state.items() if k != "net.0.weight"})
+
+
+def _transfer_configs() -> list[Path]:
+    return sorted(p for p in (REPO / "configs").rglob("*.yaml") if "loss" in (yaml.safe_load(p.read_text()) or {}))
+
+
+@pytest.mark.parametrize("path", _transfer_configs(), ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_shipped_transfer_config_is_in_the_term_form(path):
+    cfg = load_config(path, TransferConfig)  # an old flat key would be a CKTFError here
+    specs = resolve_terms(cfg.loss)
+    assert any(spec.active for spec in specs) and all(spec.active for spec in specs), "weight-0 terms are left out"
+
+
+def test_fashion_lowres_reference_configs_are_the_published_objective():
+    """crd_reference/cktf_reference: linear heads, τ 0.07, pckt 1.0 / mckt 0.04, batch norm + reference pooling of
+    the stages, per-batch mapping (the sampler's per-anchor negatives and plain momentum are outside the loss)."""
+    lowres = REPO / "configs/fashion_lowres"
+    cktf = load_config(lowres / "cktf_reference.yaml", TransferConfig)
+    crd = load_config(lowres / "crd_reference.yaml", TransferConfig)
+    assert cktf.loss.terms == {"mckt": {"weight": 0.04, "layer_mapping": "last", "mapping_schedule": "per_batch"},
+                               "pckt": {"weight": 1.0}}
+    assert cktf.loss.nce == NCEConfig(temperature=0.07, projection="linear", stage_norm="batch", stage_pool="reference")
+    assert crd.loss.terms == {"pckt": {"weight": 1.0}}
+    assert crd.loss.nce == NCEConfig(temperature=0.07, projection="linear")
+    assert not cktf.sampler.shared and not crd.sampler.shared and not cktf.train.nesterov and not crd.train.nesterov

@@ -113,6 +113,7 @@ def cli(ctx: click.Context) -> None:
 
     \b
     1. cktf train-teacher   supervised teacher on a labeled source domain
+       cktf import-teacher  or: pretrained weights (torchvision, .pth, .safetensors)
     2. cktf transfer        KD / CRD / CKTF to a student on the unlabeled target
                             (cktf methods: the loss terms and their options)
     3. cktf probe           linear probe of the frozen student on the target
@@ -180,7 +181,8 @@ def train_teacher_cmd(config_path: str, resume: bool, overwrite: bool, allow_cha
 @cli.command("transfer", cls=ConfigCommand, schema=TransferConfig, context_settings=OVERRIDABLE)
 @_CONFIG
 @click.option("--teacher", "teacher_path", type=click.Path(dir_okay=False),
-              help="Teacher checkpoint (best.safetensors of cktf train-teacher); sets teacher.checkpoint.")
+              help="Teacher checkpoint (best.safetensors of cktf train-teacher, or written by cktf "
+              "import-teacher); sets teacher.checkpoint.")
 @run_options("<log.root>/<log.name>")
 @verbosity_options
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--section.key VALUE]...")
@@ -205,6 +207,76 @@ def transfer_cmd(config_path: str, teacher_path: str | None, resume: bool, overw
         msg += (f"  loss {first['train/loss_epoch']:.4f} (epoch 1) -> {final['train/loss_epoch']:.4f} "
                 f"(epoch {int(final['epoch'])})")
     click.echo(msg)
+
+
+def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    """``0.485,0.456,0.406`` -> a tuple of floats (one per channel)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _mapping(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
+    """A YAML/JSON mapping given inline, e.g. ``{stem: maxpool, stages: [layer1], ...}``."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(value)
+    except yaml.YAMLError:
+        loaded = None
+    if not isinstance(loaded, dict):
+        raise click.BadParameter(f"expected a mapping such as '{{stem: maxpool, stages: [layer1, layer2], "
+                                 f"penultimate: flatten, logits: fc}}', got {value!r}")
+    return loaded
+
+
+@cli.command("import-teacher")
+@click.option("--arch", required=True, help="Architecture of the weights: a registry name (cktf models) or "
+              "torchvision.<arch>, e.g. torchvision.resnet50.")
+@click.option("--weights", required=True, type=click.Path(dir_okay=False),
+              help="A PyTorch state dict (.pth/.pt, read with weights_only: pickled code is refused) or a "
+              ".safetensors file; a 'module.'/'model.' key prefix and a {'state_dict': ...} wrapper are undone.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Teacher checkpoint to write (.safetensors), for cktf transfer --teacher.")
+@click.option("--num-classes", type=click.IntRange(1), default=None,
+              help="Classes of the classifier  [default: read off the weights]")
+@click.option("--in-channels", type=click.IntRange(1), default=None,
+              help="Input channels  [default: read off the weights; 3 for torchvision]")
+@click.option("--image-size", type=click.IntRange(8), default=None,
+              help="Side length the network expects; transfer and probe resize to it unless data.image_size is "
+              "set  [default: 224 for torchvision, else the dataset's]")
+@click.option("--mean", callback=_floats, default=None, metavar="M1,M2,M3",
+              help="Normalisation mean the network expects  [default: ImageNet's for torchvision]")
+@click.option("--std", callback=_floats, default=None, metavar="S1,S2,S3",
+              help="Normalisation std the network expects  [default: ImageNet's for torchvision]")
+@click.option("--taps", callback=_mapping, default=None, metavar="MAPPING",
+              help="Tap node names for architectures without default taps (YAML/JSON mapping with stem, stages, "
+              "penultimate, logits).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@verbosity_options
+def import_teacher_cmd(arch: str, weights: str, out: str, num_classes: int | None, in_channels: int | None,
+                       image_size: int | None, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
+                       taps: dict | None, overwrite: bool) -> None:
+    """Import pretrained weights (e.g. torchvision's ImageNet ones) as a teacher for cktf transfer.
+
+    Checks that every key and shape of the weights fits ARCH and that the network runs, then writes a
+    teacher checkpoint recording the architecture, classes, taps and the input size and normalisation it
+    expects. Nothing is downloaded.
+    """
+    from pathlib import Path
+
+    from transfer.stages.import_teacher import ImportRequest, import_teacher
+
+    done = import_teacher(ImportRequest(arch, Path(weights), Path(out), num_classes, in_channels, image_size, mean,
+                                        std, taps, overwrite))
+    size = done.input.image_size or "dataset default"
+    click.echo(f"done: {done.path}  {done.arch}, {done.in_channels} channels, {done.num_classes} classes, "
+               f"{done.parameters / 1e6:.1f}M parameters, input {size}")
 
 
 def _probe_schema() -> type:
@@ -261,19 +333,39 @@ def compare_cmd(runs: tuple[str, ...], out: str, title: str | None) -> None:
               help="Directory for all runs of the demo.")
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1, 20),
               help="Transfer/probe seeds (0..N-1); the report shows mean ± std over them.")
-@click.option("--out", "report", default="reports/fashion_split", show_default=True,
-              type=click.Path(file_okay=False), help="Directory for the comparison report.")
+@click.option("--only-seeds", default=None, metavar="S1,S2",
+              help="Run the steps of these seeds only (e.g. 1,2: a second process next to one running seed 0); "
+              "the report still covers what --seeds names.")
+@click.option("--configs", "configs", default=None, type=click.Path(file_okay=False),
+              help="Proxy config directory (teacher, ceiling, probe and one YAML per method) [default: "
+              "configs/fashion_lowres].")
+@click.option("--methods", default="kd,crd,cktf", show_default=True, metavar="M1,M2",
+              help="Transfer methods: names of <configs>/<method>.yaml, e.g. kd,crd,cktf,cktf_reference.")
+@click.option("--out", "report", default=None, type=click.Path(file_okay=False),
+              help="Directory for the comparison report [default: reports/<proxy>].")
 @verbosity_options
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--section.key VALUE]...")
-def demo_cmd(runs_root: str, seeds: int, report: str, overrides: tuple[str, ...]) -> None:
-    """The whole pipeline on fashion_split: teacher, KD/CRD/CKTF transfers, probes, controls, comparison.
+def demo_cmd(runs_root: str, seeds: int, only_seeds: str | None, configs: str | None, methods: str,
+             report: str | None, overrides: tuple[str, ...]) -> None:
+    """The whole pipeline on the CPU proxy: teacher, KD/CRD/CKTF transfers, probes, controls, comparison.
 
-    Finished runs are reused and interrupted ones resumed, so running it again only does what is missing.
-    Overrides (e.g. --data.root DIR) apply to every step.
+    Controls: raw pixels, a randomly initialised student, the teacher's own features, CKTF from an untrained
+    teacher, and a supervised ceiling (the student trained with all target labels). Finished runs are reused
+    and interrupted ones resumed, so running it again only does what is missing. Overrides (e.g. --data.root
+    DIR) apply to every step.
     """
-    from linear_probe.demo import run_demo
+    from linear_probe.demo import CONFIGS, run_demo, run_seeds
 
-    paths = run_demo(runs_root, list(range(seeds)), report, overrides)
+    chosen = [m for m in methods.split(",") if m]
+    kwargs = {"configs": CONFIGS if configs is None else configs, "methods": tuple(chosen)}
+    if only_seeds is not None:
+        try:
+            subset = sorted({int(s) for s in only_seeds.split(",") if s.strip()})
+        except ValueError:
+            raise CKTFError(f"--only-seeds {only_seeds!r}: expected seed numbers like 1,2") from None
+        run_seeds(runs_root, subset, overrides, **kwargs)
+        return
+    paths = run_demo(runs_root, list(range(seeds)), report, overrides, **kwargs)
     click.echo(paths["md"].read_text())
     for kind, path in paths.items():
         click.echo(f"{kind}: {path}")

@@ -25,7 +25,11 @@ class DataConfig:
                                  "null (0 disables validation)", min=0.0, max=0.5)
     test_split: str | None = option(None, help="split evaluated after every epoch for reporting only "
                                     "(never used for model selection)")
-    image_size: int | None = option(None, help="input resolution (null: the dataset's default)", min=8)
+    image_size: int | None = option(None, help="input resolution (null: what the teacher/student checkpoint "
+                                    "records, else the dataset's default)", min=8)
+    mean: list[float] | None = option(None, help="per-channel normalisation mean (null: what the checkpoint "
+                                      "records, else the dataset's statistics)")
+    std: list[float] | None = option(None, help="per-channel normalisation std (null: like mean)")
     num_workers: int = option(0, help="DataLoader worker processes (0: load in the main process)", min=0)
     augment: Literal["batched", "per_image"] = option(
         "batched", help="where training augmentation runs: batched (datasets yield uint8 images; crop, flip and "
@@ -33,6 +37,16 @@ class DataConfig:
         "the loader)")
     options: dict[str, Any] = option(default_factory=dict, help="dataset-specific options, e.g. "
                                      "--data.options.labels_per_class 20")
+
+    def validate(self) -> None:
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if values is not None and not values:
+                raise CKTFError(f"config key 'data.{key}' must list one value per channel, got []")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise CKTFError(f"config keys 'data.mean' ({len(self.mean)} values) and 'data.std' ({len(self.std)}) "
+                            "must have one value per channel each")
+        if self.std is not None and not all(s > 0 for s in self.std):
+            raise CKTFError(f"config key 'data.std' must be positive, got {self.std}")
 
 
 @dataclass

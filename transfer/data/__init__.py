@@ -44,7 +44,7 @@ _SPECS: dict[str, _Spec] = {
     "fashion_split": _Spec(
         fashion_split.FashionSplit,
         fashion_split.SPLITS,
-        ("source_classes", "target_classes", "labels_per_class", "split_seed"),
+        ("source_classes", "target_classes", "labels_per_class", "split_seed", "split_images", "target_shift"),
     ),
     "image_folder": _Spec(image_folder.image_folder, image_folder.SPLITS),
 }
@@ -74,8 +74,8 @@ def build_dataset(
     """Open split ``split`` of dataset ``name`` stored under ``root``; ``options`` are dataset-specific.
 
     Options: stl10 ``fold``; fashion_split ``source_classes``, ``target_classes``,
-    ``labels_per_class``, ``split_seed``. ``root=None`` is only meaningful for the Fashion-MNIST
-    datasets, which then use the system copy.
+    ``labels_per_class``, ``split_seed``, ``split_images``, ``target_shift``. ``root=None`` is only
+    meaningful for the Fashion-MNIST datasets, which then use the system copy.
     """
     spec = _spec(name)
     if root is not None and os.path.exists(root) and not os.path.isdir(root):

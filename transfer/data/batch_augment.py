@@ -14,18 +14,12 @@ of outputs is the same (natural images skip only torchvision's rounding of resiz
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from transfer.data.transforms import (
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    NATURAL_DATASETS,
-    resolve_image_size,
-)
+from transfer.data.transforms import NATURAL_DATASETS, resolve_image_size, resolve_normalization
 
 
 class BatchTransform:
@@ -200,17 +194,19 @@ def resample_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int,
     return torch.bmm(resized_rows.reshape(b, c * size, width), cols.transpose(1, 2)).view(b, c, size, size)
 
 
-def build_batch_transform(dataset: str, train: bool, image_size: int | None = None) -> BatchTransform:
-    """The batched counterpart of ``build_transform(dataset, train, image_size)``.
+def build_batch_transform(dataset: str, train: bool, image_size: int | None = None,
+                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> BatchTransform:
+    """The batched counterpart of ``build_transform(dataset, train, image_size, mean, std)``.
 
     Its input is a batch of what the dataset yields through
     :func:`~transfer.data.transforms.build_decode_transform`; the output matches ``build_transform``'s.
     """
     size = resolve_image_size(dataset, image_size)
+    mean, std = resolve_normalization(dataset, mean, std)
     if dataset in NATURAL_DATASETS:
         if train:
-            return RandomResizedCropFlip(IMAGENET_MEAN, IMAGENET_STD, size)
-        return CenterResize(IMAGENET_MEAN, IMAGENET_STD, size)
+            return RandomResizedCropFlip(mean, std, size)
+        return CenterResize(mean, std, size)
     if train:
-        return PaddedCropFlip(FASHION_MNIST_MEAN, FASHION_MNIST_STD, padding=2)
-    return BatchTransform(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        return PaddedCropFlip(mean, std, padding=2)
+    return BatchTransform(mean, std)

@@ -9,13 +9,25 @@ logistic regression on raw pixels with 100 labels per class reaches only ≈69�
 the source classes the same baseline already reaches ≈91%, so the opposite split would be too easy.
 
 Splits: ``source_train`` / ``source_test`` (source classes, labeled), ``target_unlabeled`` (all
-target-class train images, targets -1), ``target_train`` (a labeled subset of that same pool) and
-``target_test``. Classes are renumbered 0..k-1 in the order given. Everything is sliced from the
-in-memory Fashion-MNIST arrays, so building any split takes a fraction of a second.
+target-class train images, targets -1), ``target_train`` (a labeled subset of that same pool),
+``target_labeled`` (the whole pool *with* its labels: only for the supervised-ceiling control, never
+for transfer) and ``target_test``. Classes are renumbered 0..k-1 in the order given. Everything is
+sliced from the in-memory Fashion-MNIST arrays, so building any split takes a fraction of a second.
+
+Two options, both off by default, turn the class split into an image-and-domain split closer to the
+paper, where the source's classes *cover* the target's concepts but the images differ:
+
+- ``split_images``: the train and the test images are each cut into two fixed halves (by a hash of the
+  image index, independent of ``split_seed``, so teacher and probe configs can never disagree about
+  them); source splits take one half, target splits the other. Source and target classes may then
+  overlap, e.g. all 10 classes on both sides, and the target's images are still never seen by the teacher.
+- ``target_shift``: pixel-level shifts applied to every target split and no source split
+  (:mod:`transfer.data.domain_shift`: ``invert``, ``rotate90``, ``lowres``, ``blur``, ``noise``, in order).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -24,10 +36,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from transfer.data.domain_shift import apply_shifts, parse_shifts
 from transfer.data.fashion_mnist import CLASSES, load_fashion_mnist
 from transfer.errors import CKTFError
 
-SPLITS: tuple[str, ...] = ("source_train", "source_test", "target_unlabeled", "target_train", "target_test")
+SPLITS: tuple[str, ...] = (
+    "source_train", "source_test", "target_unlabeled", "target_train", "target_labeled", "target_test"
+)
 DEFAULT_SOURCE_CLASSES: tuple[int, ...] = (1, 5, 7, 8, 9)
 DEFAULT_TARGET_CLASSES: tuple[int, ...] = (0, 2, 3, 4, 6)
 
@@ -60,6 +75,14 @@ def parse_class_list(value: Any, option: str) -> list[int]:
 
 def _stable_key(seed: int, index: int) -> bytes:
     return hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+
+
+@functools.lru_cache(maxsize=8)
+def image_half(count: int, source: bool) -> torch.Tensor:
+    """Indices (sorted) of the source or the target half of ``count`` images; fixed by a hash of each index."""
+    ranked = sorted(range(count), key=lambda i: _stable_key(-1, i))
+    half = ranked[: count // 2] if source else ranked[count // 2 :]
+    return torch.tensor(sorted(half), dtype=torch.long)
 
 
 def select_per_class(
@@ -99,16 +122,21 @@ class FashionSplit(Dataset):
         target_classes: Sequence[int] | str = DEFAULT_TARGET_CLASSES,
         labels_per_class: int = 100,
         split_seed: int = 0,
+        split_images: bool = False,
+        target_shift: Sequence[str] | str | None = None,
     ) -> None:
         if split not in SPLITS:
             raise CKTFError(f"fashion_split split {split!r} is unknown; expected one of {', '.join(SPLITS)}")
         source = parse_class_list(source_classes, "source_classes")
         target = parse_class_list(target_classes, "target_classes")
-        if set(source) & set(target):
+        if not isinstance(split_images, bool):
+            raise CKTFError(f"fashion_split option split_images={split_images!r} is invalid; expected true or false")
+        if set(source) & set(target) and not split_images:
             raise CKTFError(
                 f"fashion_split options source_classes={source} and target_classes={target} share "
-                f"classes {sorted(set(source) & set(target))}; expected disjoint lists"
+                f"classes {sorted(set(source) & set(target))}; expected disjoint lists (or split_images: true)"
             )
+        shifts = parse_shifts(target_shift, "target_shift")
         if (
             isinstance(labels_per_class, bool)
             or not isinstance(labels_per_class, int)
@@ -121,22 +149,25 @@ class FashionSplit(Dataset):
         if isinstance(split_seed, bool) or not isinstance(split_seed, int):
             raise CKTFError(f"fashion_split option split_seed={split_seed!r} is invalid; expected an integer")
 
-        domain = source if split.startswith("source") else target
+        is_source = split.startswith("source")
+        domain = source if is_source else target
         images, labels, self.root = load_fashion_mnist(root, "test" if split.endswith("_test") else "train")
         remap = torch.full((len(CLASSES),), -1, dtype=torch.long)
         remap[torch.tensor(domain)] = torch.arange(len(domain))
-        keep = (remap[labels] >= 0).nonzero().squeeze(1)
+        candidates = image_half(len(labels), is_source) if split_images else torch.arange(len(labels))
+        keep = candidates[remap[labels[candidates]] >= 0]
         if split == "target_train":
             keep = select_per_class(keep, labels[keep], domain, labels_per_class, split_seed)
 
         self.split = split
         self.transform = transform
         self.fashion_indices = keep
-        self.data = images[keep]
+        self.data = images[keep] if is_source else apply_shifts(images[keep], shifts, keep)
         self.targets = remap[labels[keep]] if split != "target_unlabeled" else torch.full((len(keep),), -1)
         self.classes = [CLASSES[c] for c in domain]
         self.num_classes = len(domain)
         self.source_classes, self.target_classes = source, target
+        self.split_images, self.target_shift = split_images, shifts
 
     def __len__(self) -> int:
         return len(self.targets)

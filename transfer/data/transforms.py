@@ -8,6 +8,8 @@ and statistics of its own train set.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torchvision.transforms import v2
 
@@ -36,20 +38,40 @@ def resolve_image_size(dataset: str, image_size: int | None = None) -> int:
     return size
 
 
-def build_transform(dataset: str, train: bool, image_size: int | None = None) -> v2.Compose:
-    """The train (augmenting) or eval (deterministic) pipeline of ``dataset``; outputs float32 ``C×S×S``."""
+def resolve_normalization(dataset: str, mean: Sequence[float] | None = None,
+                          std: Sequence[float] | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` the pipelines of ``dataset`` normalise with: the given ones, else the dataset's.
+
+    A network pretrained elsewhere expects its own statistics (e.g. ImageNet's for torchvision weights),
+    which is why they can be given instead of being fixed by the dataset.
+    """
+    resolve_image_size(dataset)
+    natural = dataset in NATURAL_DATASETS
+    mean = tuple(float(m) for m in mean) if mean is not None else (IMAGENET_MEAN if natural else FASHION_MNIST_MEAN)
+    std = tuple(float(s) for s in std) if std is not None else (IMAGENET_STD if natural else FASHION_MNIST_STD)
+    if len(mean) != len(std) or not all(s > 0 for s in std):
+        raise CKTFError(f"normalisation mean {list(mean)} and std {list(std)} need one value per channel and a "
+                        "positive std")
+    return mean, std
+
+
+def build_transform(dataset: str, train: bool, image_size: int | None = None,
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> v2.Compose:
+    """The train (augmenting) or eval (deterministic) pipeline of ``dataset``; outputs float32 ``C×S×S``.
+
+    ``mean``/``std`` replace the dataset's normalisation statistics (see :func:`resolve_normalization`).
+    """
     size = resolve_image_size(dataset, image_size)
+    mean, std = resolve_normalization(dataset, mean, std)
     if dataset in NATURAL_DATASETS:
         if train:
             steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
         else:
             steps = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         steps = [] if size == 28 else [v2.Resize(size, antialias=True)]
         if train:
             steps += [v2.RandomCrop(size, padding=2), v2.RandomHorizontalFlip()]
-        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 

@@ -1,13 +1,14 @@
 """Rebuilding networks from cktf checkpoints.
 
-A checkpoint's metadata records which model it holds (name, input channels, classes, tap spec), so the
-transfer stage rebuilds the teacher from its file alone — never by parsing the file name.
+A checkpoint's metadata records which model it holds (name, input channels, classes, tap spec) and, when
+known, the input size and normalisation it expects, so the transfer stage rebuilds the teacher from its
+file alone — never by parsing the file name.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from transfer.engine.checkpoint import load_checkpoint, read_metadata
 from transfer.errors import CKTFError
 from transfer.models import build_model
+from transfer.models.input_spec import InputSpec
 
 
 @dataclass
@@ -27,6 +29,7 @@ class LoadedNetwork:
     num_classes: int
     taps: dict
     metadata: dict
+    input: InputSpec = field(default_factory=InputSpec)
 
 
 def load_network(path: str | Path, *, prefix: str, kinds: tuple[str, ...], option: str) -> LoadedNetwork:
@@ -47,6 +50,10 @@ def load_network(path: str | Path, *, prefix: str, kinds: tuple[str, ...], optio
     except (KeyError, ValueError):
         raise CKTFError(f"{option} {path} lacks the model description (model, in_channels, num_classes)") from None
     taps = json.loads(meta.get("taps", "{}"))
+    try:
+        expects = InputSpec.from_metadata(meta)
+    except ValueError as err:
+        raise CKTFError(f"{option} {path}: {err}") from None
     model = build_model(name, in_channels=in_channels, num_classes=num_classes)
     state = load_checkpoint(path).state["task"]
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -54,5 +61,5 @@ def load_network(path: str | Path, *, prefix: str, kinds: tuple[str, ...], optio
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise CKTFError(f"{option} {path}: weights do not fit model '{name}' ({str(err).splitlines()[0]})") from None
-    return LoadedNetwork(model, name, in_channels, num_classes, taps, meta)
+    return LoadedNetwork(model, name, in_channels, num_classes, taps, meta, expects)
 

@@ -101,22 +101,22 @@ def _torchvision_spec(model: nn.Module) -> TapSpec:
                     "taps (stem, stages, penultimate, logits)")
 
 
-def _torchvision_entry(name: str) -> ModelEntry:
+def _torchvision_entry(name: str, option: str) -> ModelEntry:
     import torchvision
 
     arch = name[len(TORCHVISION_PREFIX):]
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise CKTFError(f"unknown torchvision classification model {arch!r} (option model.name); see "
+        raise CKTFError(f"unknown torchvision classification model {arch!r} (option {option}); see "
                         "torchvision.models.list_models()")
     return ModelEntry(partial(_torchvision_builder, arch), _torchvision_spec, "torchvision")
 
 
-def get_entry(name: str) -> ModelEntry:
-    """The registry entry for ``name``; unknown names are a user error listing the choices."""
+def get_entry(name: str, option: str = "model.name") -> ModelEntry:
+    """The registry entry for ``name``; unknown names are a user error naming ``option`` and the choices."""
     if isinstance(name, str) and name.startswith(TORCHVISION_PREFIX):
-        return _torchvision_entry(name)
+        return _torchvision_entry(name, option)
     if not isinstance(name, str) or name not in MODELS:
-        raise CKTFError(f"unknown model {name!r} (option model.name); choose one of: {', '.join(MODELS)}, or "
+        raise CKTFError(f"unknown model {name!r} (option {option}); choose one of: {', '.join(MODELS)}, or "
                        "torchvision.<arch>")
     return MODELS[name]
 
@@ -151,3 +151,19 @@ def tap_spec_for(name: str, model: nn.Module | None = None) -> TapSpec:
         with torch.device("meta"):
             model = entry.builder(3, 100)
     return entry.spec(model)
+
+
+def infer_tap_spec(model: nn.Module) -> TapSpec:
+    """Default taps of a model given as a module rather than a name (the Python API).
+
+    torchvision ResNets (and cktf's 64x64 ResNets, which are torchvision ResNets) get theirs; cktf's other
+    families share the ``stem``/``layer1..N``/``fc`` layout. Anything else needs its nodes named.
+    """
+    import torchvision
+
+    if isinstance(model, torchvision.models.ResNet):
+        return torchvision_resnet_spec(model)
+    if all(hasattr(model, name) for name in ("stem", "layer1", "fc")):
+        return layout_spec(model)
+    raise ValueError(f"{type(model).__name__} has no default feature taps; pass its graph node names "
+                     "(stem, stages, penultimate, logits) as a TapSpec or mapping")

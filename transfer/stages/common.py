@@ -55,8 +55,13 @@ def train_pipeline(cfg: DataConfig) -> tuple[Callable | None, BatchTransform | N
     """
     if cfg.augment == "batched":
         return (build_decode_transform(cfg.name, cfg.image_size),
-                build_batch_transform(cfg.name, train=True, image_size=cfg.image_size))
-    return build_transform(cfg.name, train=True, image_size=cfg.image_size), None
+                build_batch_transform(cfg.name, train=True, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std))
+    return build_transform(cfg.name, train=True, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std), None
+
+
+def eval_transform(cfg: DataConfig) -> Callable:
+    """The deterministic per-item pipeline of ``cfg`` (resize, centre crop, normalise)."""
+    return build_transform(cfg.name, train=False, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
 
 
 def build_splits(cfg: DataConfig, seed: int) -> SplitSet:
@@ -67,7 +72,7 @@ def build_splits(cfg: DataConfig, seed: int) -> SplitSet:
     ``SplitSet.augment``, to be passed to ``Engine.fit``.
     """
     train_tf, augment = train_pipeline(cfg)
-    eval_tf = build_transform(cfg.name, train=False, image_size=cfg.image_size)
+    eval_tf = eval_transform(cfg)
     train = build_dataset(cfg.name, cfg.train_split, cfg.root, train_tf, **cfg.options)
     val: Dataset | None = None
     if cfg.val_split is not None:

@@ -19,20 +19,27 @@ from torch.utils.data import DataLoader, Dataset
 from transfer.config import TransferConfig
 from transfer.data import build_dataset
 from transfer.data.batch_augment import BatchTransform
-from transfer.data.transforms import build_transform
-from transfer.engine.frozen import Frozen, freeze
+from transfer.engine.frozen import Frozen
 from transfer.engine.performance import check_runtime, prepare_network
 from transfer.engine.rundir import run_path, write_json
 from transfer.engine.runtime import resolve_device, seed_everything, set_threads
 from transfer.engine.trainer import Engine, FitResult
 from transfer.errors import CKTFError
-from transfer.losses.layer_mapping import check_stage_counts
-from transfer.losses.terms import TermContext, build_terms, combined_needs, options_dict, resolve_terms
-from transfer.models import FeatureTaps, TapOutputs, TapSpec, build_model, tap_spec_for
+from transfer.losses import objective
+from transfer.losses.terms import TermContext, build_terms
+from transfer.models import FeatureTaps, TapSpec, build_model, tap_spec_for
 from transfer.models.checkpoints import LoadedNetwork, load_network
+from transfer.models.input_spec import InputSpec, check_channels, follow_recorded_input
 from transfer.models.registry import reference_pool
 from transfer.sampling import build_sampler, cached_neighbour_table, file_sha256
-from transfer.stages.common import RunRequest, extract_features, make_loader, open_run, train_pipeline
+from transfer.stages.common import (
+    RunRequest,
+    eval_transform,
+    extract_features,
+    make_loader,
+    open_run,
+    train_pipeline,
+)
 from transfer.tasks.transfer import TransferTask
 
 CALIBRATION_ITEMS = 64  # seeded items on which a term may decide something before training (layer mapping)
@@ -54,16 +61,19 @@ def resolve_loss_terms(cfg: TransferConfig) -> dict[str, list[str]]:
 
     Returns each declared need with the terms declaring it (e.g. ``{"negatives": ["mckt", "pckt"]}``).
     """
-    specs = resolve_terms(cfg.loss)
-    cfg.loss.terms = {spec.name: options_dict(spec.options) for spec in specs}  # config.yaml shows every option
-    return combined_needs(specs)
+    return objective.resolve_objective(cfg.loss)  # config.yaml then shows every option of every term
 
 
 def load_teacher(cfg: TransferConfig) -> LoadedNetwork:
-    """The teacher network from ``teacher.checkpoint`` (a ``cktf train-teacher`` checkpoint)."""
+    """The teacher network from ``teacher.checkpoint`` (written by ``cktf train-teacher`` or ``import-teacher``).
+
+    The data's input size and normalisation follow what the checkpoint records, unless ``cfg.data`` sets them.
+    """
     if cfg.teacher.checkpoint is None:
         raise CKTFError("no teacher given: pass --teacher PATH (a best.safetensors written by cktf train-teacher)")
-    return load_network(cfg.teacher.checkpoint, prefix="model.", kinds=("teacher",), option="--teacher")
+    teacher = load_network(cfg.teacher.checkpoint, prefix="model.", kinds=("teacher",), option="--teacher")
+    follow_recorded_input(cfg.data, teacher.input, f"teacher {cfg.teacher.checkpoint}")
+    return teacher
 
 
 def training_pool(cfg: TransferConfig, teacher: LoadedNetwork,
@@ -75,6 +85,7 @@ def training_pool(cfg: TransferConfig, teacher: LoadedNetwork,
     if pool.in_channels != teacher.in_channels:
         raise CKTFError(f"teacher {cfg.teacher.checkpoint} takes {teacher.in_channels}-channel images but "
                         f"{d.name}/{d.train_split} has {pool.in_channels} channels")
+    check_channels(d, pool.in_channels)
     if "labels" in needs and bool((torch.as_tensor(pool.targets) < 0).any()):
         term = needs["labels"][0]
         raise CKTFError(f"loss.terms.{term} needs labels, but data split '{d.train_split}' of {d.name} has unlabeled "
@@ -94,42 +105,31 @@ def build_networks(cfg: TransferConfig, teacher: LoadedNetwork, in_channels: int
     """
     seed_everything(cfg.train.seed)
     student_model = build_model(cfg.student.name, in_channels=in_channels, num_classes=teacher.num_classes)
-    student = FeatureTaps(student_model, _spec(cfg.student.name, student_model, cfg.student.taps, "student.taps"))
+    s_spec = _spec(cfg.student.name, student_model, cfg.student.taps, "student.taps")
     t_spec = _spec(teacher.name, teacher.model, cfg.teacher.taps or teacher.taps, "teacher.taps")
-    frozen = freeze(FeatureTaps(teacher.model, t_spec, with_blocks="teacher_blocks" in needs))
-    if "same_stage_count" in needs:
-        terms = ", ".join(f"loss.terms.{name}" for name in needs["same_stage_count"])
-        check_stage_counts(len(student.spec.stages), len(t_spec.stages), cfg.student.name, teacher.name, terms)
-    return student, frozen
+    return objective.tap_pair(student_model, s_spec, teacher.model, t_spec, needs, (cfg.student.name, teacher.name))
 
 
 def evaluation_pool(cfg: TransferConfig) -> tuple[Dataset, Callable]:
     """The transfer split with the evaluation transform (calibration, neighbour tables, init phases)."""
     d = cfg.data
-    eval_tf = build_transform(d.name, train=False, image_size=d.image_size)
+    eval_tf = eval_transform(d)
     return build_dataset(d.name, d.train_split, d.root, eval_tf, **d.options), eval_tf
 
 
 def term_context(cfg: TransferConfig, student: FeatureTaps, teacher: Frozen, teacher_name: str,
                  pool: Dataset) -> TermContext:
-    """Tap widths and shapes of both networks, pooling windows, the pool size and a lazy calibration batch."""
-    shape = tuple(pool[0][0].shape)
-    cache: list[tuple[TapOutputs, TapOutputs]] = []
+    """Tap widths and shapes of both networks, the models' reference pooling windows, the pool size and a lazy
+    calibration batch (``CALIBRATION_ITEMS`` seeded items of ``pool``)."""
 
-    def calibration() -> tuple[TapOutputs, TapOutputs]:
-        if not cache:
-            ids = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.train.seed))
-            batch = torch.stack([pool[i][0] for i in ids[:CALIBRATION_ITEMS].tolist()])
-            student.eval()
-            with torch.no_grad():
-                cache.append((student(batch), teacher(batch)))
-        return cache[0]
+    def calibration() -> torch.Tensor:
+        ids = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.train.seed))
+        return torch.stack([pool[i][0] for i in ids[:CALIBRATION_ITEMS].tolist()])
 
-    taps = teacher.module
-    return TermContext(student.channels(shape), taps.channels(shape), len(pool),
-                       student_shapes=student.shapes(shape), teacher_shapes=taps.shapes(shape),
-                       student_pool=reference_pool(cfg.student.name), teacher_pool=reference_pool(teacher_name),
-                       seed=cfg.train.seed, calibration=calibration)
+    return objective.term_context(student, teacher, tuple(pool[0][0].shape), len(pool), calibration,
+                                  seed=cfg.train.seed,
+                                  pools=(reference_pool(cfg.student.name), reference_pool(teacher_name)),
+                                  names=(cfg.student.name, teacher_name))
 
 
 def negative_sampler(cfg: TransferConfig, needs: dict[str, list[str]], teacher: Frozen, pool: Dataset,
@@ -154,7 +154,8 @@ def negative_sampler(cfg: TransferConfig, needs: dict[str, list[str]], teacher: 
 
 def open_transfer_run(cfg: TransferConfig, task: TransferTask, teacher: LoadedNetwork, pool: Dataset,
                       device: torch.device, request: RunRequest) -> Engine:
-    """The run directory and engine, with the checkpoint metadata that lets the probe rebuild the student."""
+    """The run directory and engine, with the checkpoint metadata that lets the probe rebuild the student
+    (and follow the input size/normalisation it was trained on)."""
     metadata = {
         "kind": "transfer",
         "model": cfg.student.name,
@@ -166,6 +167,7 @@ def open_transfer_run(cfg: TransferConfig, task: TransferTask, teacher: LoadedNe
         "teacher": str(cfg.teacher.checkpoint),
         "teacher_model": teacher.name,
         "dataset": cfg.data.name,
+        **InputSpec.of_data(cfg.data).to_metadata(),
         **task.metadata(),
     }
     terms = ", ".join(f"{name} {weight:g}" for name, weight in task.weights.items())
