@@ -24,6 +24,8 @@ INPUTS = {
     "image_folder": (3, 50, 80),
     "fashion_mnist": (1, 28, 28),
     "fashion_split": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "cifar100": (3, 32, 32),
 }
 
 FASHION_FILES = {
@@ -226,4 +228,63 @@ def write_image_folder(
                 pixels[..., 0] = 40 * k
                 Image.fromarray(pixels).save(path)
                 out[split].append((path, name))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ CIFAR
+
+
+def _py2_dump(obj, fh) -> None:
+    """Pickle protocol 2 as Python 2's cPickle wrote the official CIFAR files: byte strings as (SHORT_)BINSTRING
+    opcodes (Python 3 would wrap them in ``_codecs.encode`` calls)."""
+    import pickle
+    import struct
+
+    class Py2Pickler(pickle._Pickler):
+        dispatch = dict(pickle._Pickler.dispatch)
+
+        def save_str2(self, data: bytes) -> None:
+            n = len(data)
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + data if n < 256
+                       else pickle.BINSTRING + struct.pack("<i", n) + data)
+            self.memoize(data)
+
+        dispatch[bytes] = save_str2
+
+    Py2Pickler(fh, protocol=2).dump(obj)
+
+
+def write_cifar(root: str | Path, variant: str = "cifar100", n_train: int = 40, n_test: int = 20,
+                seed: int = 0) -> dict:
+    """The official "python version" files (``cifar-100-python/{train,test,meta}`` or
+    ``cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``): protocol-2 pickles, as Python 2 wrote
+    them, of dicts with byte-string keys, a uint8 ``[N, 3072]`` array (channel-major rows of 32×32) and label
+    lists."""
+    rng = np.random.default_rng(seed)
+    classes = 100 if variant == "cifar100" else 10
+    folder = Path(root) / ("cifar-100-python" if variant == "cifar100" else "cifar-10-batches-py")
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict = {"folder": folder}
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+        labels = rng.integers(0, classes, size=n).tolist()
+        out[split] = (images, labels)
+        if variant == "cifar100":
+            chunks = [(split, images, labels)]
+        else:
+            names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+            bounds = np.linspace(0, n, len(names) + 1).astype(int)
+            chunks = [(name, images[a:b], labels[a:b]) for name, a, b in
+                      zip(names, bounds[:-1], bounds[1:], strict=True)]
+        for name, part, part_labels in chunks:
+            key = b"fine_labels" if variant == "cifar100" else b"labels"
+            batch = {b"batch_label": name.encode(), key: list(part_labels), b"data": part.reshape(len(part), -1),
+                     b"filenames": [f"img_{i}.png".encode() for i in range(len(part))]}
+            if variant == "cifar100":
+                batch[b"coarse_labels"] = [label // 5 for label in part_labels]
+            with open(folder / name, "wb") as fh:
+                _py2_dump(batch, fh)
+    meta_name, names_key = ("meta", b"fine_label_names") if variant == "cifar100" else ("batches.meta", b"label_names")
+    with open(folder / meta_name, "wb") as fh:
+        _py2_dump({names_key: [f"class{i}".encode() for i in range(classes)]}, fh)
     return out

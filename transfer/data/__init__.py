@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
-from transfer.data import fashion_mnist, fashion_split, image_folder, stl10, tinyimagenet
+from transfer.data import cifar, fashion_mnist, fashion_split, image_folder, stl10, tinyimagenet
 from transfer.data.indexed import IndexedSubset, holdout_split
 from transfer.data.transforms import DEFAULT_IMAGE_SIZE, build_transform
 from transfer.errors import CKTFError
@@ -47,8 +47,11 @@ _SPECS: dict[str, _Spec] = {
         ("source_classes", "target_classes", "labels_per_class", "split_seed", "split_images", "target_shift"),
     ),
     "image_folder": _Spec(image_folder.image_folder, image_folder.SPLITS),
+    "cifar10": _Spec(cifar.cifar10, cifar.SPLITS),
+    "cifar100": _Spec(cifar.cifar100, cifar.SPLITS),
 }
-DATASETS: tuple[str, ...] = ("stl10", "tinyimagenet", "fashion_mnist", "fashion_split", "image_folder")
+DATASETS: tuple[str, ...] = ("stl10", "tinyimagenet", "fashion_mnist", "fashion_split", "image_folder", "cifar10",
+                             "cifar100")
 
 
 def _spec(name: str) -> _Spec:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from transfer.data.transforms import NATURAL_DATASETS, resolve_image_size, resolve_normalization
+from transfer.data.transforms import CROP_PADDING, NATURAL_DATASETS, resolve_image_size, resolve_normalization
 
 
 class BatchTransform:
@@ -208,5 +208,5 @@ def build_batch_transform(dataset: str, train: bool, image_size: int | None = No
             return RandomResizedCropFlip(mean, std, size)
         return CenterResize(mean, std, size)
     if train:
-        return PaddedCropFlip(mean, std, padding=2)
+        return PaddedCropFlip(mean, std, padding=CROP_PADDING[dataset])
     return BatchTransform(mean, std)

@@ -2,8 +2,8 @@
 
 Natural-image datasets follow the paper setting: everything at 64×64 (STL-10's 96×96 images are
 downscaled so source and target networks see the same resolution), normalised with ImageNet
-statistics. Fashion-MNIST keeps its 28×28 grayscale images, with pad-and-crop plus flip for training
-and statistics of its own train set.
+statistics. Fashion-MNIST keeps its 28×28 grayscale images and CIFAR its 32×32 ones, with pad-and-crop
+(2 and 4 px) plus flip for training and statistics of their own train sets.
 """
 
 from __future__ import annotations
@@ -21,9 +21,19 @@ IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN: tuple[float, ...] = (0.2860,)
 FASHION_MNIST_STD: tuple[float, ...] = (0.3530,)
 
+# CIFAR train-set statistics (the usual values of CRD/RepDistiller-style training).
+CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
 NATURAL_DATASETS: tuple[str, ...] = ("stl10", "tinyimagenet", "image_folder")
 FASHION_DATASETS: tuple[str, ...] = ("fashion_mnist", "fashion_split")
-DEFAULT_IMAGE_SIZE = {**dict.fromkeys(NATURAL_DATASETS, 64), **dict.fromkeys(FASHION_DATASETS, 28)}
+CIFAR_DATASETS: tuple[str, ...] = tuple(CIFAR_STATS)
+DEFAULT_IMAGE_SIZE = {**dict.fromkeys(NATURAL_DATASETS, 64), **dict.fromkeys(FASHION_DATASETS, 28),
+                      **dict.fromkeys(CIFAR_DATASETS, 32)}
+# Small fixed-size datasets train with pad-and-crop at their native size (CIFAR: 4 px, as CRD; Fashion: 2 px).
+CROP_PADDING = {**dict.fromkeys(FASHION_DATASETS, 2), **dict.fromkeys(CIFAR_DATASETS, 4)}
 
 
 def resolve_image_size(dataset: str, image_size: int | None = None) -> int:
@@ -46,9 +56,10 @@ def resolve_normalization(dataset: str, mean: Sequence[float] | None = None,
     which is why they can be given instead of being fixed by the dataset.
     """
     resolve_image_size(dataset)
-    natural = dataset in NATURAL_DATASETS
-    mean = tuple(float(m) for m in mean) if mean is not None else (IMAGENET_MEAN if natural else FASHION_MNIST_MEAN)
-    std = tuple(float(s) for s in std) if std is not None else (IMAGENET_STD if natural else FASHION_MNIST_STD)
+    fallback = (IMAGENET_MEAN, IMAGENET_STD) if dataset in NATURAL_DATASETS else (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    default_mean, default_std = CIFAR_STATS.get(dataset, fallback)
+    mean = tuple(float(m) for m in mean) if mean is not None else default_mean
+    std = tuple(float(s) for s in std) if std is not None else default_std
     if len(mean) != len(std) or not all(s > 0 for s in std):
         raise CKTFError(f"normalisation mean {list(mean)} and std {list(std)} need one value per channel and a "
                         "positive std")
@@ -69,9 +80,9 @@ def build_transform(dataset: str, train: bool, image_size: int | None = None,
         else:
             steps = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
     else:
-        steps = [] if size == 28 else [v2.Resize(size, antialias=True)]
+        steps = [] if size == DEFAULT_IMAGE_SIZE[dataset] else [v2.Resize(size, antialias=True)]
         if train:
-            steps += [v2.RandomCrop(size, padding=2), v2.RandomHorizontalFlip()]
+            steps += [v2.RandomCrop(size, padding=CROP_PADDING[dataset]), v2.RandomHorizontalFlip()]
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
@@ -88,6 +99,6 @@ def build_decode_transform(dataset: str, image_size: int | None = None) -> v2.Co
     size = resolve_image_size(dataset, image_size)
     if dataset == "image_folder":
         return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-    if dataset in NATURAL_DATASETS or size == 28:
+    if dataset in NATURAL_DATASETS or size == DEFAULT_IMAGE_SIZE[dataset]:
         return None
     return v2.Compose([v2.Resize(size, antialias=True)])
