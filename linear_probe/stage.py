@@ -26,10 +26,10 @@ from linear_probe.probe import LinearProbe, ProbeTask
 from transfer.data import build_dataset
 from transfer.data.indexed import IndexedSubset, holdout_split
 from transfer.data.transforms import build_transform
+from transfer.engine import distributed
 from transfer.engine.checkpoint import read_metadata
 from transfer.engine.performance import check_runtime, prepare_network
-from transfer.engine.rundir import write_json
-from transfer.engine.runtime import resolve_device, seed_everything, set_threads
+from transfer.engine.runtime import seed_everything, set_threads
 from transfer.errors import CKTFError
 from transfer.models import build_model
 from transfer.models.checkpoints import load_network
@@ -113,7 +113,7 @@ def _labeled(dataset, split: str, name: str):
 def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRequest()) -> dict:
     """Probe the backbone described by ``cfg``/``student``; returns the metrics written to metrics.json."""
     set_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = distributed.setup(cfg.train.device)
     check_runtime(device, cfg.train)
     d = cfg.data
     if cfg.probe.backbone == "checkpoint" and student is not None and Path(student).is_file():
@@ -172,7 +172,7 @@ def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRe
                 f"labeled, test {len(test_labels)})")
     engine = open_run(backbone.out, option, cfg, task, device, metadata, request, describe=describe,
                       data_root=getattr(train_eval, "root", None), tag_map=probe_tag)
-    out, logger = engine.run, engine.logger
+    logger = engine.logger
     cpu_or_pin = device if cfg.probe.mode == "augment" else torch.device("cpu")
     loader = make_loader(train_set, cfg.train.batch_size, train=True,
                          num_workers=workers if cfg.probe.mode == "augment" else 0, device=cpu_or_pin,
@@ -206,5 +206,5 @@ def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRe
         "train_items": len(train_labels),
         "test_items": len(test_labels),
     }
-    write_json(out.metrics, metrics)
+    engine.write_metrics(metrics)
     return metrics

@@ -20,6 +20,7 @@ from transfer.config import LossConfig
 from transfer.errors import CKTFError
 from transfer.losses.kd import KDLoss
 from transfer.losses.layer_mapping import LayerMapper, paired_features
+from transfer.losses.memory_bank import BANK_DTYPES
 from transfer.losses.nce import NCEObjective
 from transfer.losses.projection import ProjectionHead
 from transfer.losses.stage_features import StageFeatures
@@ -88,7 +89,8 @@ class ContrastivePair(nn.Module):
         self.reduce_teacher = reduce_teacher or StageFeatures()
         self.head_student = ProjectionHead(student_dim, cfg.embed_dim, cfg.projection)
         self.head_teacher = ProjectionHead(teacher_dim, cfg.embed_dim, cfg.projection)
-        self.objective = NCEObjective(num_items, cfg.embed_dim, cfg.temperature, cfg.nce_momentum)
+        self.objective = NCEObjective(num_items, cfg.embed_dim, cfg.temperature, cfg.nce_momentum,
+                                      bank_dtype=BANK_DTYPES[cfg.bank_dtype])
 
     def embed(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm ``[B, d]`` embeddings of both sides."""

@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader
 
 from transfer.config import TransferConfig
 from transfer.data import build_dataset
+from transfer.engine import distributed
 from transfer.engine.performance import check_runtime, prepare_network
-from transfer.engine.rundir import run_path, write_json
-from transfer.engine.runtime import resolve_device, seed_everything, set_threads
+from transfer.engine.rundir import run_path
+from transfer.engine.runtime import seed_everything, set_threads
 from transfer.engine.trainer import FitResult
 from transfer.errors import CKTFError
 from transfer.losses.objective import build_objective
@@ -55,7 +56,7 @@ def _calibration_batch(dataset, seed: int, size: int = 64) -> torch.Tensor:
 def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> FitResult:
     """Train the student of ``cfg`` into ``<log.root>/<log.name>``."""
     set_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = distributed.setup(cfg.train.device)
     check_runtime(device, cfg.train)
 
     def place(module: torch.nn.Module) -> torch.nn.Module:
@@ -98,11 +99,11 @@ def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> Fit
             key = {"teacher_sha256": file_sha256(cfg.teacher.checkpoint), "dataset": cfg.data.name,
                    "split": cfg.data.train_split, "options": cfg.data.options, "transform": repr(eval_tf),
                    "num_items": num_items}
-            neighbours = cached_neighbour_table(
+            neighbours = distributed.run_on_main(lambda: cached_neighbour_table(  # built once, by rank 0
                 cfg.sampler.cache_dir, key,
                 lambda: embed_pool(place(teacher), probe_ds, cfg.train.eval_batch_size, device,
                                    cfg.data.num_workers),
-                table_k, index=cfg.sampler.index)
+                table_k, index=cfg.sampler.index))
         sampler = build_sampler(cfg.sampler.kind, num_items, cfg.sampler.num_negatives, neighbours,
                                 exclude=cfg.sampler.k, hard_fraction=cfg.sampler.hard_fraction,
                                 hard_pool=cfg.sampler.hard_pool, shared=cfg.sampler.shared)
@@ -128,13 +129,12 @@ def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> Fit
     if cfg.loss.bank_init == "embed" and not engine.resumed:
         engine.task.fill_banks(DataLoader(probe_ds, batch_size=cfg.train.eval_batch_size,
                                           num_workers=cfg.data.num_workers), device)
-    run = engine.run
     loader = make_loader(pool, cfg.train.batch_size, train=True, num_workers=cfg.data.num_workers, device=device,
                          random_items=augment is None)
     t0 = time.perf_counter()
     result = engine.fit(loader, augment=augment)
     engine.logger.close()
-    write_json(run.metrics, {
+    engine.write_metrics({
         "kind": "transfer",
         "method": cfg.loss.method,
         "student": cfg.student.name,
