@@ -127,9 +127,9 @@ def setup(device_name: str) -> torch.device:
                                 timeout=datetime.timedelta(seconds=seconds))
     except Exception as err:  # DistNetworkError, DistStoreError, TimeoutError, RuntimeError: all the same to a user
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CKTFError(f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} could not reach the other "
-                        f"ranks at MASTER_ADDR:MASTER_PORT {where} within {seconds:g} s ({TIMEOUT_ENV}): "
-                        f"{detail[:200]}") from None
+        raise CKTFError(f"could not reach the other torchrun ranks at MASTER_ADDR:MASTER_PORT {where} within "
+                        f"{seconds:g} s ({TIMEOUT_ENV}; RANK {os.environ.get('RANK')} of WORLD_SIZE "
+                        f"{os.environ.get('WORLD_SIZE')}): {detail[:200]}") from None
     if dist.get_rank() != 0:
         log.setLevel(logging.ERROR)
     return device
@@ -261,10 +261,12 @@ def enable_gather(module: nn.Module) -> None:
             sub.gather_distributed = active()
 
 
-def _batchnorms(module: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    """BatchNorm layers in training mode that track running statistics (the frozen teacher's are in eval)."""
+def _batchnorms(module: nn.Module, training_only: bool = False) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """BatchNorm layers that track running statistics (``training_only``: those in training mode, i.e. not the
+    frozen teacher's, which stays in eval)."""
     return [(name, m) for name, m in module.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and (m.training or not training_only)]
 
 
 def batchnorm_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -273,7 +275,9 @@ def batchnorm_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
             for key, buf in m.named_buffers(recurse=False)}
 
 
+@torch.no_grad()
 def load_batchnorm_buffers(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Put back what :func:`batchnorm_buffers` captured (a mid-epoch checkpoint's entry for this rank)."""
     for name, m in _batchnorms(module):
         for key, buf in m.named_buffers(recurse=False):
             buf.copy_(buffers[f"{name}.{key}"])
@@ -286,7 +290,7 @@ def average_batchnorm(module: nn.Module) -> None:
     once per epoch equals averaging after every step, up to rounding."""
     if not active():
         return
-    for _, m in _batchnorms(module):
+    for _, m in _batchnorms(module, training_only=True):
         for buf in (m.running_mean, m.running_var):
             if buf is not None:
                 all_reduce_(buf, "mean")

@@ -267,7 +267,8 @@ class _PreUpdateRows:
                                "backward() before the next training forward of the NCEObjective")
         if self.rows is None:
             return None
-        return self.rows.tolist(), self.rows, self.saved.float() - self.weight.index_select(0, self.rows).float()
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)  # half-precision banks: the delta in fp32
+        return self.rows.tolist(), self.rows, self.saved.to(dtype) - self.weight.index_select(0, self.rows).to(dtype)
 
 
 class _ColumnChunks:
@@ -336,7 +337,7 @@ class _BankScores(torch.autograd.Function):
     def forward(ctx, g: Tensor, weight: Tensor, chunks: _ColumnChunks, guard: _PreUpdateRows) -> Tensor:
         scores = g.new_empty(chunks.shape.numel())
         for start, end, positions, offsets in chunks:
-            picked = (g @ weight[start:end].float().T).view(-1).index_select(0, offsets)
+            picked = (g @ weight[start:end].to(g.dtype).T).view(-1).index_select(0, offsets)
             if positions is None:
                 scores = picked
             else:
@@ -356,7 +357,7 @@ class _BankScores(torch.autograd.Function):
         for start, end, positions, offsets in chunks:
             values = flat_grad if positions is None else flat_grad.index_select(0, positions)
             dense = grad.new_zeros(batch * (end - start)).index_add_(0, offsets, values).view(batch, end - start)
-            grad_g.addmm_(dense, weight[start:end].float())
+            grad_g.addmm_(dense, weight[start:end].to(grad.dtype))
             if fix is not None:
                 row_list, rows, delta = fix
                 lo, hi = bisect.bisect_left(row_list, start), bisect.bisect_left(row_list, end)
