@@ -41,9 +41,9 @@ class CKTFGroup(click.Group):
     """
 
     def invoke(self, ctx: click.Context):
-        from transfer.engine import distributed
+        from transfer.engine.ranks import env_rank, launched
 
-        main = distributed.env_rank() == 0
+        main = env_rank() == 0
         try:
             return super().invoke(ctx)
         except CKTFError as err:
@@ -53,7 +53,7 @@ class CKTFGroup(click.Group):
                 raise click.ClickException(one_line(err)) from None
             if getattr(err, "replicated", False):
                 ctx.exit(1)  # rank 0 prints it
-            raise click.ClickException(f"(rank {distributed.env_rank()}) {one_line(err)}") from None
+            raise click.ClickException(f"(rank {env_rank()}) {one_line(err)}") from None
         except RunInterrupted as stop:
             if main:
                 again = resume_command(sys.argv, flag=ctx.invoked_subcommand != "demo")
@@ -67,7 +67,10 @@ class CKTFGroup(click.Group):
                 click.echo("interrupted; a run continues from its last checkpoint with --resume", err=True)
             ctx.exit(128 + signal.SIGINT)
         finally:
-            distributed.teardown()
+            if launched():
+                from transfer.engine import distributed
+
+                distributed.teardown()
 
 
 def resume_command(argv: list[str], flag: bool = True) -> str:
@@ -76,18 +79,18 @@ def resume_command(argv: list[str], flag: bool = True) -> str:
     args = [a for a in argv[1:] if a != "--overwrite"]
     if flag and "--resume" not in args:
         args.append("--resume")
-    from transfer.engine import distributed
+    from transfer.engine.ranks import launched
 
-    if distributed.launched():
+    if launched():
         return "torchrun <the same options> -m transfer.cli " + shlex.join(args)
     return shlex.join(["cktf", *args])
 
 
 def echo_done(message: str) -> None:
     """A command's closing line, printed by rank 0 only under torchrun."""
-    from transfer.engine import distributed
+    from transfer.engine.ranks import env_rank
 
-    if distributed.env_rank() == 0:
+    if env_rank() == 0:
         click.echo(message)
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from transfer.engine.ranks import launched
 from transfer.engine.runtime import derive_seed, resolve_device
 from transfer.errors import CKTFError
 
@@ -50,11 +51,6 @@ class RankError(CKTFError):
 
 
 # -- who am I ----------------------------------------------------------------------------------------------
-def launched() -> bool:
-    """Whether torchrun started this process as one of several (``WORLD_SIZE`` > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-
-
 def active() -> bool:
     """Whether a process group of more than one rank is up."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -66,11 +62,6 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if active() else 0
-
-
-def env_rank() -> int:
-    """This process's rank as torchrun announced it (also before, or without, :func:`setup`)."""
-    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def is_main() -> bool:
