@@ -165,8 +165,9 @@ def write_run_config(run: RunDir, cfg: Any, *, resume: bool, allow_change: tuple
     to extend a finished run). Every accepted difference is recorded in ``resumes.jsonl``.
     """
     if resume and run.config.is_file():
-        saved = {**IMPLIED_BY_OLDER_RUNS, **_flatten(yaml.safe_load(run.config.read_text()) or {})}
         now = _flatten(config_to_dict(cfg))
+        implied = {key: value for key, value in IMPLIED_BY_OLDER_RUNS.items() if key in now}
+        saved = {**implied, **_flatten(yaml.safe_load(run.config.read_text()) or {})}
         # per-image augmentation draws in the loader's workers, seeded per worker: their number matters then
         may_change = set(RESUME_MAY_CHANGE)
         if now.get("data.augment") == "per_image":
