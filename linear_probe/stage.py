@@ -29,9 +29,9 @@ from transfer.data.batch_augment import BatchTransform
 from transfer.data.indexed import IndexedSubset, holdout_split
 from transfer.data.transforms import build_transform
 from transfer.engine.checkpoint import read_metadata
+from transfer.engine import distributed
 from transfer.engine.performance import check_runtime, prepare_network
-from transfer.engine.rundir import write_json
-from transfer.engine.runtime import resolve_device, seed_everything, set_threads
+from transfer.engine.runtime import seed_everything, set_threads
 from transfer.engine.trainer import Engine, FitResult
 from transfer.errors import CKTFError
 from transfer.models import build_model
@@ -244,7 +244,7 @@ def probe_metrics(cfg: ProbeConfig, backbone: Backbone, result: FitResult, knn: 
 def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRequest()) -> dict:
     """Probe the backbone described by ``cfg``/``student``; returns the metrics written to metrics.json."""
     set_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = distributed.setup(cfg.train.device)
     check_runtime(device, cfg.train)
     d = cfg.data
     data = probe_data(cfg, student)
@@ -273,5 +273,5 @@ def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRe
         engine.logger.scalars({"knn_acc": knn}, len(result.history))
     engine.logger.close()
     metrics = probe_metrics(cfg, backbone, result, knn, data, time.perf_counter() - t0)
-    write_json(engine.run.metrics, metrics)
+    engine.write_metrics(metrics)
     return metrics

@@ -2,6 +2,10 @@
 
 Every command takes ``--config FILE`` plus any config key as ``--section.key VALUE``; ``--help`` lists the
 keys. User errors print one line (``Error: …``) and exit 1; ``cktf --debug …`` shows the traceback.
+
+Under ``torchrun`` (``torchrun --nproc_per_node 8 -m transfer.cli transfer …``, or ``torchrun … $(which cktf)
+transfer …``) every rank runs the same command; rank 0 prints, and an error that every rank raises alike is
+printed once (other ranks' own errors carry their rank).
 """
 
 from __future__ import annotations
@@ -37,22 +41,36 @@ class CKTFGroup(click.Group):
     """
 
     def invoke(self, ctx: click.Context):
+        from transfer.engine.ranks import env_rank, launched
+
+        main = env_rank() == 0
         try:
             return super().invoke(ctx)
         except CKTFError as err:
             if ctx.meta.get("cktf.debug"):
                 raise
-            raise click.ClickException(one_line(err)) from None
+            if main:
+                raise click.ClickException(one_line(err)) from None
+            if getattr(err, "replicated", False):
+                ctx.exit(1)  # rank 0 prints it
+            raise click.ClickException(f"(rank {env_rank()}) {one_line(err)}") from None
         except RunInterrupted as stop:
-            again = resume_command(sys.argv, flag=ctx.invoked_subcommand != "demo")
-            click.echo(f"stopped by {signal.Signals(stop.signum).name} at epoch {stop.epoch}, batch {stop.batch}: "
-                       f"saved {stop.checkpoint}; continue with: {again}", err=True)
+            if main:
+                again = resume_command(sys.argv, flag=ctx.invoked_subcommand != "demo")
+                click.echo(f"stopped by {signal.Signals(stop.signum).name} at epoch {stop.epoch}, batch "
+                           f"{stop.batch}: saved {stop.checkpoint}; continue with: {again}", err=True)
             ctx.exit(stop.exit_code)
         except KeyboardInterrupt:
             if ctx.meta.get("cktf.debug"):
                 raise
-            click.echo("interrupted; a run continues from its last checkpoint with --resume", err=True)
+            if main:
+                click.echo("interrupted; a run continues from its last checkpoint with --resume", err=True)
             ctx.exit(128 + signal.SIGINT)
+        finally:
+            if launched():
+                from transfer.engine import distributed
+
+                distributed.teardown()
 
 
 def resume_command(argv: list[str], flag: bool = True) -> str:
@@ -61,7 +79,19 @@ def resume_command(argv: list[str], flag: bool = True) -> str:
     args = [a for a in argv[1:] if a != "--overwrite"]
     if flag and "--resume" not in args:
         args.append("--resume")
+    from transfer.engine.ranks import launched
+
+    if launched():
+        return "torchrun <the same options> -m transfer.cli " + shlex.join(args)
     return shlex.join(["cktf", *args])
+
+
+def echo_done(message: str) -> None:
+    """A command's closing line, printed by rank 0 only under torchrun."""
+    from transfer.engine.ranks import env_rank
+
+    if env_rank() == 0:
+        click.echo(message)
 
 
 def configure_logging(debug: bool, quiet: bool) -> None:
@@ -175,7 +205,7 @@ def train_teacher_cmd(config_path: str, resume: bool, overwrite: bool, allow_cha
         msg += f"  final test/acc {100 * final['test/acc']:.2f}%"
     if result.best_epoch is not None:
         msg += f"  best val/acc {100 * result.best_value:.2f}% (epoch {result.best_epoch})"
-    click.echo(msg)
+    echo_done(msg)
 
 
 @cli.command("transfer", cls=ConfigCommand, schema=TransferConfig, context_settings=OVERRIDABLE)
@@ -206,7 +236,7 @@ def transfer_cmd(config_path: str, teacher_path: str | None, resume: bool, overw
         first, final = result.history[0], result.final
         msg += (f"  loss {first['train/loss_epoch']:.4f} (epoch 1) -> {final['train/loss_epoch']:.4f} "
                 f"(epoch {int(final['epoch'])})")
-    click.echo(msg)
+    echo_done(msg)
 
 
 def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
@@ -307,7 +337,7 @@ def probe_cmd(config_path: str, student_path: str | None, resume: bool, overwrit
 
     m = run_probe(cfg, student_path, _request(resume, overwrite, allow_change))
     knn = f"  kNN {100 * m['knn_acc']:.2f}%" if m["knn_acc"] is not None else ""
-    click.echo(f"done: {m['method']}  probe test acc {100 * m['final_acc']:.2f}% after {m['epochs']} epochs{knn}")
+    echo_done(f"done: {m['method']}  probe test acc {100 * m['final_acc']:.2f}% after {m['epochs']} epochs{knn}")
 
 
 @cli.command("compare")

@@ -83,6 +83,9 @@ class TrainConfig:
                                  "faster layout for CPU (oneDNN) and GPU convolutions; same results up to rounding")
     compile: bool = option(False, help="torch.compile the networks' forward passes (opt-in: tens of seconds of "
                            "compilation per run; needs a C++ compiler on CPU, triton on CUDA)")
+    sync_bn: bool = option(False, help="under torchrun: SyncBatchNorm in the trained networks (batch statistics over "
+                           "the global batch; CUDA only). false: per-rank statistics, running averages averaged "
+                           "across ranks every epoch")
     checkpoint_every: int | str = option(
         0, help="also checkpoint inside an epoch, every N training steps (an integer) or every N minutes (e.g. "
         "'10min'), so a preempted run loses little; 0: at the end of each epoch only. SIGINT/SIGTERM always "
@@ -166,6 +169,9 @@ class NCEConfig:
     projection: Literal["linear", "bn_linear", "mlp"] = option(
         "linear", help="projection head g(·): linear (paper), bn_linear (non-affine BatchNorm of the pooled input, "
         "then linear) or mlp")
+    bank_dtype: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", help="storage type of the memory banks (half of the memory in bf16/fp16; scores, momentum updates "
+        "and Z stay fp32)")
     bank_init: Literal["random", "embed"] = option(
         "random", help="random: CRD's uniform-noise banks; embed: fill the banks with the networks' initial "
         "embeddings of every item before training (meaningful positives from the first step)")

@@ -7,6 +7,15 @@ best-so-far and RNG states. ``train.checkpoint_every`` and SIGINT/SIGTERM add ch
 epoch; they also hold how far the epoch got (batches, running loss sums), and resuming from one skips the
 batches already done (the epoch's data order is a function of the seed) and restores the RNG state of
 that step, so the final numbers equal an uninterrupted run's.
+
+Under torchrun (see :mod:`transfer.engine.distributed`) the task's trainable part runs inside
+``DistributedDataParallel`` (gradients averaged, so weights stay identical on every rank), memory banks and
+``Z`` take every rank's batch into account, and per step one small all-gather carries the loss terms and the
+stop flag, so logged numbers are global means and all ranks stop at the same step after a signal reaches
+any of them. Each rank seeds its global RNGs (augmentation, negatives) from ``(seed, epoch, rank)``; the data
+order stays a function of ``(seed, epoch)``. BatchNorm running statistics are averaged across ranks at the
+end of every epoch (or kept identical by ``train.sync_bn``). Rank 0 alone writes checkpoints and logs; a
+checkpoint holds every rank's RNG state and BatchNorm statistics, so a resume inside an epoch is exact.
 """
 
 from __future__ import annotations
@@ -21,10 +30,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from transfer.config import TrainConfig
+from transfer.engine import distributed
 from transfer.engine.checkpoint import Checkpoint, save_checkpoint
 from transfer.engine.logger import RunLogger
 from transfer.engine.performance import compile_module, match_state_layouts, prepare_network
-from transfer.engine.rundir import RunDir
+from transfer.engine.rundir import RunDir, write_json
 from transfer.engine.runtime import (
     autocast,
     check_precision,
@@ -35,7 +45,7 @@ from transfer.engine.runtime import (
 )
 from transfer.engine.schedule import apply_lr, build_optimizer
 from transfer.engine.signals import StopRequest
-from transfer.engine.task import Task
+from transfer.engine.task import StepOutput, Task
 from transfer.errors import CKTFError, RunInterrupted
 
 
@@ -60,6 +70,9 @@ class Engine:
                  metadata: Mapping[str, Any], log_every: int = 20) -> None:
         check_precision(device, cfg.precision)
         self.task = prepare_network(task, device, channels_last=cfg.channels_last)
+        self.world = distributed.world_size()
+        if cfg.sync_bn and self.world > 1:  # the frozen teacher's layers are converted too, but in eval they never sync
+            self.task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.task)
         if cfg.compile:
             for network in self.task.compile_targets():
                 compile_module(network, device)
@@ -80,6 +93,9 @@ class Engine:
         self.start_epoch = 0
         self.progress: dict[str, Any] | None = None
         self.resumed = False
+        self._step: Callable[..., StepOutput] = self.task.training_step
+        self._ddp: torch.nn.Module | None = None
+        self._rank_state: dict[str, Any] | None = None  # this rank's entry of a mid-epoch checkpoint
 
     # -- state -----------------------------------------------------------------------------------------------
     def state(self, epoch: int, progress: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -95,6 +111,7 @@ class Engine:
             "train_seconds": self.train_seconds,
             "rng": rng_state(),
             "progress": progress,
+            "world_size": self.world,
         }
 
     def load_state(self, ckpt: Checkpoint) -> None:
@@ -116,19 +133,41 @@ class Engine:
         self.best_value = state["best"]["value"]
         self.history = list(state["history"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        set_rng_state(state["rng"])
+        saved_world = int(state.get("world_size", 1))
         self.progress = state.get("progress")
+        if saved_world != self.world and self.progress is not None:
+            raise CKTFError(f"{ckpt.path} was saved inside an epoch by {saved_world} process(es); resume it with "
+                            f"{saved_world} (torchrun --nnodes x --nproc_per_node), not {self.world}")
+        if saved_world != self.world:
+            self.logger.warning(f"resuming a run of {saved_world} process(es) with {self.world}: from here on the "
+                                "augmentation and negative draws differ from an uninterrupted run")
+        mine = state["ranks"][distributed.rank()] if saved_world == self.world and "ranks" in state else None
+        rng = mine["rng"] if mine is not None else state["rng"]
+        set_rng_state(rng)
+        self._rank_state = mine
         if self.progress is not None:
-            self.progress["rng"] = state["rng"]
+            self.progress["rng"] = rng
 
     def _save(self, epoch: int, improved: bool, progress: dict[str, Any] | None = None) -> None:
+        """Write ``last`` (and ``best``): a collective under torchrun (every rank's RNG state and BatchNorm
+        statistics are gathered), written by rank 0 alone."""
         meta = dict(self.metadata, epoch=str(epoch))
         state = self.state(epoch, progress)
+        if self.world > 1:
+            state["ranks"] = distributed.all_gather_objects(
+                {"rng": state["rng"], "batchnorm": distributed.batchnorm_buffers(self.task)})
+            if not distributed.is_main():
+                return
         # best before last: a kill between the two leaves last one epoch behind, and the resumed epoch
         # rewrites best; the other order could leave a best older than last records
         if improved:
             save_checkpoint(self.run.best, state, meta)
         save_checkpoint(self.run.last, state, meta)
+
+    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Write the run's ``metrics.json`` (rank 0 only under torchrun; every rank holds the same numbers)."""
+        if distributed.is_main():
+            write_json(self.run.metrics, dict(metrics))
 
     # -- loop ------------------------------------------------------------------------------------------------
     def fit(self, train_loader: DataLoader, eval_loaders: Mapping[str, DataLoader] | None = None,
@@ -148,15 +187,18 @@ class Engine:
             raise CKTFError("the training split is smaller than one batch; lower train.batch_size")
         if self.cfg.epochs == 0 and self.start_epoch == 0:
             self._save(0, improved=True)
+        self._distribute()
         with StopRequest() as stop:
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 seed = derive_seed(self.cfg.seed, epoch)
-                seed_everything(seed)
+                seed_everything(distributed.rank_seed(seed))
                 if getattr(train_loader, "generator", None) is not None:
-                    train_loader.generator.manual_seed(seed)
+                    train_loader.generator.manual_seed(seed)  # the data order: the same on every rank
                 lr = apply_lr(self.cfg, self.optimizer, epoch)
                 progress, self.progress = self.progress, None
                 train_metrics = self._train_epoch(train_loader, epoch, augment, stop, progress)
+                if not self.cfg.sync_bn:
+                    distributed.average_batchnorm(self.task)
                 seconds = train_metrics.pop("_seconds")
                 self.train_seconds += seconds
                 images = train_metrics.pop("_images")
@@ -176,10 +218,56 @@ class Engine:
                 self.logger.flush()
                 self._save(epoch + 1, improved)
                 self.logger.info(_summary(row, self.cfg.epochs))
-                if stop.signum is not None and epoch + 1 < self.cfg.epochs:
-                    raise RunInterrupted(stop.signum, self.run.last, epoch + 2, 0)
+                signum = self._agreed_stop(stop.signum)
+                if signum is not None and epoch + 1 < self.cfg.epochs:
+                    raise RunInterrupted(signum, self.run.last, epoch + 2, 0)
         result = FitResult(self.history, self.best_epoch, self.best_value, self.train_seconds)
         return result
+
+    def _distribute(self) -> None:
+        """Under torchrun: wrap the task's trainable part in DDP (once) and let banks gather across ranks.
+
+        DDP broadcasts rank 0's parameters and buffers when it is built (weights, memory banks, BatchNorm
+        statistics: one identical starting point); ``broadcast_buffers=False`` stops it from doing so every
+        step, since the banks are kept identical by their own gathered writes and BatchNorm statistics are
+        averaged per epoch. Parameters that require no gradient (the frozen teacher) are never synchronised.
+        ``static_graph``: a method may leave trainable parameters unused in every step (the student's classifier
+        under CRD); DDP finds them in the first step instead of searching the graph every step, and their
+        gradients stay ``None`` as in a single process (no weight decay or momentum is applied to them).
+        A mid-epoch checkpoint's per-rank BatchNorm statistics are put back after that broadcast.
+        """
+        if self.world == 1 or self._ddp is not None:
+            return
+        distributed.enable_gather(self.task)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            _TrainingStep(self.task), device_ids=device_ids, static_graph=True,
+            **distributed.no_buffer_broadcast())
+        self._ddp = ddp
+        self._step = lambda *batch: StepOutput(*ddp(*batch))
+        if self._rank_state is not None:
+            distributed.load_batchnorm_buffers(self.task, self._rank_state["batchnorm"])
+
+    def _agreed_stop(self, signum: int | None) -> int | None:
+        """The signal any rank received (every rank then stops at the same step); ``signum`` for one process."""
+        if self.world == 1:
+            return signum
+        flag = torch.tensor([float(signum or 0)], device=self.device)
+        return int(distributed.all_reduce_(flag, "max").item()) or None
+
+    def _reduce_step(self, terms: dict[str, torch.Tensor], signum: int | None,
+                     due: bool) -> tuple[dict[str, torch.Tensor], int | None, bool]:
+        """Global means of a step's logged terms, the agreed stop signal and whether a (time-based) checkpoint
+        is due on any rank, in one small all-gather per step; unchanged for one process."""
+        if self.world == 1:
+            return terms, signum, due
+        keys = sorted(terms)
+        flags = torch.tensor([float(signum or 0), float(due)], device=self.device)
+        local = torch.cat([torch.stack([terms[k].float().reshape(()) for k in keys]), flags])
+        gathered = distributed.gather_cat(local[None])
+        means = gathered[:, :-2].mean(dim=0)
+        flags = gathered[:, -2:].amax(dim=0).tolist()
+        return {k: means[i] for i, k in enumerate(keys)}, int(flags[0]) or None, bool(flags[1])
 
     def _train_epoch(self, loader: DataLoader, epoch: int, augment: Callable[[torch.Tensor], torch.Tensor] | None,
                      stop: StopRequest, progress: dict[str, Any] | None) -> dict[str, float]:
@@ -196,7 +284,7 @@ class Engine:
             if skip is None:
                 raise CKTFError("this training loader cannot resume inside an epoch (its sampler has no skip)")
             skip(done * int(loader.batch_size))
-            set_rng_state(progress["rng"])
+            set_rng_state(progress["rng"])  # this rank's
             if loader.num_workers > 0 and getattr(loader, "random_items", False):
                 self.logger.warning("resuming inside an epoch with per-image augmentation in loader workers: the "
                                     "rest of this epoch's augmentation differs from an uninterrupted run")
@@ -212,20 +300,23 @@ class Engine:
             targets = targets.to(self.device, non_blocking=True)
             indices = indices.to(self.device, non_blocking=True)
             with self.autocast():
-                out = self.task.training_step(images, targets, indices)
+                out = self._step(images, targets, indices)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step += 1
             batch += 1
-            images_seen += images.shape[0]
+            images_seen += images.shape[0] * self.world
             terms = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.terms.items()}}
+            now = time.perf_counter()
+            due = bool((every_steps and self.step % every_steps == 0)
+                       or (every_seconds and now - last_save >= every_seconds))
+            terms, signum, due = self._reduce_step(terms, stop.signum, due)
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value.float()
                 window[key] = window.get(key, 0.0) + value.float()
             window_steps += 1
-            now = time.perf_counter()
             if self.step % self.log_every == 0:
                 means = {f"train/{k}": (v / window_steps).item() for k, v in window.items()}
                 if not math.isfinite(means["train/loss"]):
@@ -239,14 +330,13 @@ class Engine:
                 self.logger.info(f"epoch {epoch + 1}/{self.cfg.epochs}  batch {batch}/{total}  loss "
                                  f"{(sums['loss'] / batch).item():.4f}  "
                                  f"{images_seen / (before + now - start):.0f} img/s")
-            due = (every_steps and self.step % every_steps == 0) or (every_seconds and now - last_save >= every_seconds)
-            if batch < total and (due or stop.signum is not None):
+            if batch < total and (due or signum is not None):
                 seconds = before + now - start
                 self._save(epoch, False, {"batches": batch, "images": images_seen, "seconds": seconds,
                                           "sums": {k: v.detach().cpu() for k, v in sums.items()}})
                 last_save = now
-                if stop.signum is not None:
-                    raise RunInterrupted(stop.signum, self.run.last, epoch + 1, batch)
+                if signum is not None:
+                    raise RunInterrupted(signum, self.run.last, epoch + 1, batch)
         steps = max(1, total)
         metrics = {f"train/{k}_epoch": (v / steps).item() for k, v in sums.items()}
         if not math.isfinite(metrics["train/loss_epoch"]):
@@ -254,6 +344,19 @@ class Engine:
         metrics["_images"] = images_seen
         metrics["_seconds"] = before + time.perf_counter() - start
         return metrics
+
+
+class _TrainingStep(torch.nn.Module):
+    """The task's training step as a module's ``forward``, which is what DDP wraps and synchronises."""
+
+    def __init__(self, task: Task) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor,
+                indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.task.training_step(images, targets, indices)
+        return out.loss, out.terms
 
 
 def _summary(row: Mapping[str, float], epochs: int) -> str:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from transfer.config import NCEConfig
+from transfer.losses.memory_bank import BANK_DTYPES
 from transfer.losses.nce import NCEObjective
 from transfer.losses.projection import ProjectionHead
 from transfer.losses.stage_features import StageFeatures
@@ -40,7 +41,8 @@ class ContrastivePair(nn.Module):
         self.reduce_teacher = reduce_teacher or StageFeatures()
         self.head_student = ProjectionHead(student_dim, nce.embed_dim, nce.projection)
         self.head_teacher = ProjectionHead(teacher_dim, nce.embed_dim, nce.projection)
-        self.objective = NCEObjective(num_items, nce.embed_dim, nce.temperature, nce.momentum)
+        self.objective = NCEObjective(num_items, nce.embed_dim, nce.temperature, nce.momentum,
+                                      bank_dtype=BANK_DTYPES[nce.bank_dtype])
 
     def embed(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm ``[B, d]`` embeddings of both sides."""

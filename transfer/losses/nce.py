@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transfer.engine import distributed
 from transfer.errors import CKTFError
 from transfer.losses.memory_bank import MemoryBank
 
@@ -58,14 +59,21 @@ class NCEObjective(nn.Module):
     then updates both banks at ``indices``; scores always use the banks as they were before the update.
     In eval mode nothing is written; before ``Z`` exists an eval call uses the batch's own estimate
     without storing it. Everything is computed in fp32, also under autocast (``exp(1/0.07)`` overflows
-    fp16). Banks and ``Z`` are buffers: no gradients, checkpointed with ``state_dict()``.
+    fp16). Banks and ``Z`` are buffers: no gradients, checkpointed with ``state_dict()``; ``bank_dtype``
+    stores the banks in bf16/fp16 (rows are read back as fp32 for scoring).
+
+    ``gather_distributed`` (set by the engine under torchrun, together with the banks' flag of that name):
+    ``Z`` is estimated from every rank's first batch (the per-rank ``mean(exp(s/τ))`` are all-gathered and
+    averaged), so all ranks freeze the same ``Z``, the one a single process would get from the global batch.
     """
 
     z_student: Tensor
     z_teacher: Tensor
+    gather_distributed: bool
 
     def __init__(self, num_items: int, dim: int = 128, temperature: float = 0.1, momentum: float = 0.5,
-                 chunk_size: int = 262144, generator: torch.Generator | None = None) -> None:
+                 chunk_size: int = 262144, generator: torch.Generator | None = None,
+                 bank_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if num_items < 2:
             raise CKTFError(f"NCE needs at least 2 unlabeled items (N={num_items}) to draw a negative from")
@@ -77,8 +85,9 @@ class NCEObjective(nn.Module):
         self.dim = dim
         self.temperature = temperature
         self.chunk_size = chunk_size
-        self.bank_student = MemoryBank(num_items, dim, momentum, generator)
-        self.bank_teacher = MemoryBank(num_items, dim, momentum, generator)
+        self.bank_student = MemoryBank(num_items, dim, momentum, generator, bank_dtype)
+        self.bank_teacher = MemoryBank(num_items, dim, momentum, generator, bank_dtype)
+        self.gather_distributed = False
         self.register_buffer("z_student", torch.tensor(float("nan")), persistent=True)
         self.register_buffer("z_teacher", torch.tensor(float("nan")), persistent=True)
         self._z_known = False  # host-side copy of "both Z are set", so steps on a GPU need no sync for it
@@ -100,8 +109,10 @@ class NCEObjective(nn.Module):
                 student_anchored = self._shared_side_loss(self.bank_teacher, g_s, indices, negatives, "z_teacher",
                                                           z_missing[1])
             else:
-                s_t, guard_s = self._scores(self.bank_student, g_t, chunks, indices if update else None)
-                s_s, guard_t = self._scores(self.bank_teacher, g_s, chunks, indices if update else None)
+                # rows this step's update rewrites (every rank's under torchrun; both banks take the same ones)
+                rewritten = self.bank_student.written_rows(indices) if update else None
+                s_t, guard_s = self._scores(self.bank_student, g_t, chunks, rewritten)
+                s_s, guard_t = self._scores(self.bank_teacher, g_s, chunks, rewritten)
                 guards = (guard_s, guard_t)
                 teacher_anchored = self._side_loss(s_t, self._normaliser("z_student", s_t, z_missing[0]))
                 student_anchored = self._side_loss(s_s, self._normaliser("z_teacher", s_s, z_missing[1]))
@@ -163,7 +174,7 @@ class NCEObjective(nn.Module):
                 rewritten: Tensor | None) -> tuple[Tensor, _PreUpdateRows]:
         """Per-anchor ``[B, K+1]`` scores of ``g`` against ``bank`` (positive in column 0) and the backward's
         guard; ``rewritten``: the rows this step's bank update will overwrite before backward runs."""
-        weight = bank.weight.float()
+        weight = bank.weight
         keep = rewritten if g.requires_grad and torch.is_grad_enabled() else None
         guard = _PreUpdateRows(weight, keep)
         return _BankScores.apply(g, weight, chunks, guard), guard
@@ -176,9 +187,9 @@ class NCEObjective(nn.Module):
         ``[B, K]`` block goes through :class:`_SharedNegativeSoftplus`, which needs three elementwise passes
         over it instead of the ~15 that autograd through ``cat``/``div``/``sub``/``softplus`` takes.
         """
-        weight = bank.weight.float()
-        rows = weight.index_select(0, negatives)
-        positive = (g * weight.index_select(0, indices)).sum(dim=1)
+        weight = bank.weight
+        rows = weight.index_select(0, negatives).float()
+        positive = (g * weight.index_select(0, indices).float()).sum(dim=1)
         if z_missing:
             with torch.no_grad():
                 scores = torch.cat([positive[:, None], g @ rows.T], dim=1)
@@ -203,11 +214,14 @@ class NCEObjective(nn.Module):
     def _estimate_z(self, scores: Tensor) -> Tensor:
         """CRD's normaliser ``Z = N · mean(exp(s/τ))`` over all ``B·(K+1)`` scores of the batch.
 
-        Taken through ``logsumexp`` so large ``1/τ`` cannot overflow before the mean. Under DDP this is
-        where the estimate is all-reduced (mean of the per-rank ``mean(exp(s/τ))``) so every rank freezes
-        the same ``Z``.
+        Taken through ``logsumexp`` so large ``1/τ`` cannot overflow before the mean. With
+        ``gather_distributed`` (training only) the per-rank log-means are all-gathered and combined in log
+        space: every rank scores the same number of entries, so their mean is the global batch's mean.
         """
         log_mean = torch.logsumexp(scores.flatten() / self.temperature, dim=0) - math.log(scores.numel())
+        if self.gather_distributed and self.training:
+            ranks = distributed.gather_cat(log_mean.reshape(1))
+            log_mean = torch.logsumexp(ranks, dim=0) - math.log(ranks.numel())
         z = torch.exp(log_mean + math.log(self.num_items))
         if not torch.isfinite(z):
             raise CKTFError(f"loss.nce.temperature={self.temperature} is too small: the NCE normaliser "
@@ -253,7 +267,8 @@ class _PreUpdateRows:
                                "backward() before the next training forward of the NCEObjective")
         if self.rows is None:
             return None
-        return self.rows.tolist(), self.rows, self.saved - self.weight.index_select(0, self.rows)
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)  # half-precision banks: the delta in fp32
+        return self.rows.tolist(), self.rows, self.saved.to(dtype) - self.weight.index_select(0, self.rows).to(dtype)
 
 
 class _ColumnChunks:
@@ -322,7 +337,7 @@ class _BankScores(torch.autograd.Function):
     def forward(ctx, g: Tensor, weight: Tensor, chunks: _ColumnChunks, guard: _PreUpdateRows) -> Tensor:
         scores = g.new_empty(chunks.shape.numel())
         for start, end, positions, offsets in chunks:
-            picked = (g @ weight[start:end].T).view(-1).index_select(0, offsets)
+            picked = (g @ weight[start:end].to(g.dtype).T).view(-1).index_select(0, offsets)
             if positions is None:
                 scores = picked
             else:
@@ -342,7 +357,7 @@ class _BankScores(torch.autograd.Function):
         for start, end, positions, offsets in chunks:
             values = flat_grad if positions is None else flat_grad.index_select(0, positions)
             dense = grad.new_zeros(batch * (end - start)).index_add_(0, offsets, values).view(batch, end - start)
-            grad_g.addmm_(dense, weight[start:end])
+            grad_g.addmm_(dense, weight[start:end].to(grad.dtype))
             if fix is not None:
                 row_list, rows, delta = fix
                 lo, hi = bisect.bisect_left(row_list, start), bisect.bisect_left(row_list, end)

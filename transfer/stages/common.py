@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import os
 import platform
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
@@ -20,11 +24,13 @@ from transfer.config import DataConfig, config_to_dict, dump_config
 from transfer.data import build_dataset
 from transfer.data.batch_augment import BatchTransform, build_batch_transform
 from transfer.data.indexed import IndexedSubset, holdout_split
-from transfer.data.order import EpochSampler
+from transfer.data.order import EpochSampler, ShardSampler
 from transfer.data.transforms import build_decode_transform, build_transform
+from transfer.engine import distributed
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.engine.logger import RunLogger
 from transfer.engine.rundir import RunDir, prepare_run_dir, write_text_atomic
+from transfer.engine.runtime import derive_seed
 from transfer.engine.task import Task
 from transfer.engine.trainer import Engine
 from transfer.errors import CKTFError
@@ -34,7 +40,7 @@ RESUME_MAY_CHANGE = ("train.threads", "train.device", "data.root", "data.num_wor
                      "train.channels_last", "train.compile", "train.checkpoint_every", "log.progress", "log.root",
                      "log.progress_every", "log.log_every", "log.tensorboard")
 # Keys added after runs were first written, with the value a config.yaml without them implies.
-IMPLIED_BY_OLDER_RUNS = {"data.augment": "per_image"}
+IMPLIED_BY_OLDER_RUNS = {"data.augment": "per_image", "train.sync_bn": False, "loss.nce.bank_dtype": "fp32"}
 
 
 @dataclass
@@ -106,19 +112,32 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
 
     A training loader visits the data through an :class:`EpochSampler`, so a run can resume inside an epoch.
 
+    Under torchrun ``batch_size`` is the *global* batch: a training loader gives each rank
+    ``batch_size / world_size`` items per step (its slice of the global batch), and an evaluation loader
+    visits this rank's shard of the split (:class:`ShardSampler`; the task sums the results across ranks).
+
     Memory is pinned only for CUDA. Workers persist across epochs, except for a training loader whose
     items are random (``random_items``: per-image augmentation), because a persistent worker would carry
     its RNG state into the next epoch instead of being reseeded from ``(seed, epoch)``, and a resumed run
     would then differ. Items are small (uint8 with batched augmentation), so workers prefetch 4 batches.
     """
     workers: dict[str, Any] = {}
+    world, rank = distributed.world_size(), distributed.rank()
     if num_workers > 0:
         workers = {"persistent_workers": not (train and random_items), "prefetch_factor": 4}
+        if world > 1:
+            workers["worker_init_fn"] = functools.partial(_reseed_worker, rank)
     generator = torch.Generator() if train else None
+    sampler: Any = None
+    if train:
+        sampler = EpochSampler(len(dataset), generator, rank=rank, world_size=world,
+                               batch_size=distributed.per_rank_batch(batch_size, world))
+    elif world > 1:
+        sampler = ShardSampler(len(dataset), rank, world)
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), generator) if train else None,
+        batch_size=batch_size // world if train else batch_size,
+        sampler=sampler,
         drop_last=train and len(dataset) >= batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -129,6 +148,15 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
     return loader
 
 
+def _reseed_worker(rank: int, worker_id: int) -> None:
+    """Under torchrun: a loader worker's RNGs from its own seed and the rank (the loader generator, hence the
+    workers' base seed, is the same on every rank), so ranks do not draw the same per-image augmentation."""
+    seed = derive_seed(torch.initial_seed(), rank)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def write_run_config(run: RunDir, cfg: Any, *, resume: bool, allow_change: tuple[str, ...] = ()) -> None:
     """Save the resolved config; on resume, refuse a config that would change the run's result.
 
@@ -137,8 +165,9 @@ def write_run_config(run: RunDir, cfg: Any, *, resume: bool, allow_change: tuple
     to extend a finished run). Every accepted difference is recorded in ``resumes.jsonl``.
     """
     if resume and run.config.is_file():
-        saved = {**IMPLIED_BY_OLDER_RUNS, **_flatten(yaml.safe_load(run.config.read_text()) or {})}
         now = _flatten(config_to_dict(cfg))
+        implied = {key: value for key, value in IMPLIED_BY_OLDER_RUNS.items() if key in now}
+        saved = {**implied, **_flatten(yaml.safe_load(run.config.read_text()) or {})}
         # per-image augmentation draws in the loader's workers, seeded per worker: their number matters then
         may_change = set(RESUME_MAY_CHANGE)
         if now.get("data.augment") == "per_image":
@@ -217,18 +246,31 @@ def open_run(path: str | os.PathLike, option: str, cfg: Any, task: Task, device:
     names the config key(s) that chose ``path``; ``describe`` is the start line's account of what runs.
     A run directory without a checkpoint starts afresh even with ``--resume``.
     """
-    run = prepare_run_dir(path, resume=request.resume, overwrite=request.overwrite, option=option)
-    resuming = request.resume and run.last.is_file()
-    ckpt = load_checkpoint(run.last) if resuming else None
+    # checked on every rank before rank 0 touches the run directory
+    distributed.check_same_config(dump_config(cfg))
+    distributed.per_rank_batch(cfg.train.batch_size)
+    distributed.check_sync_bn(cfg.train.sync_bn, device)
     record_resolved(cfg, device, data_root)
-    write_run_config(run, cfg, resume=resuming, allow_change=request.allow_change)
-    logger = RunLogger(run.path, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, tag_map=tag_map,
-                       purge_step=int(ckpt.state["step"]) + 1 if ckpt is not None else None,
-                       progress_every=cfg.log.progress_every)
+
+    def prepare() -> tuple[str, bool]:
+        run = prepare_run_dir(path, resume=request.resume, overwrite=request.overwrite, option=option)
+        resuming = request.resume and run.last.is_file()
+        write_run_config(run, cfg, resume=resuming, allow_change=request.allow_change)
+        return str(run.path), resuming
+
+    where, resuming = distributed.run_on_main(prepare)  # created by rank 0; the others wait
+    run = RunDir(Path(where))
+    ckpt = load_checkpoint(run.last) if resuming else None  # every rank loads
+    main = distributed.is_main()
+    logger = RunLogger(run.path, tensorboard=cfg.log.tensorboard and main, progress=cfg.log.progress and main,
+                       tag_map=tag_map, purge_step=int(ckpt.state["step"]) + 1 if ckpt is not None else None,
+                       progress_every=cfg.log.progress_every if main else 0.0)
     engine = Engine(task, cfg.train, run, logger, device,
                     {**metadata, "config": dump_config(cfg), "versions": json.dumps(package_versions())},
                     log_every=cfg.log.log_every)
-    logger.info(f"{describe} | {device}, {cfg.train.precision}, {cfg.train.threads} threads | {run.path}")
+    ranks = distributed.describe(cfg.train.batch_size)
+    logger.info(f"{describe} | {device}, {cfg.train.precision}, {cfg.train.threads} threads"
+                f"{' | ' + ranks if ranks else ''} | {run.path}")
     if ckpt is not None:
         engine.load_state(ckpt)
         where = f"epoch {engine.start_epoch}"

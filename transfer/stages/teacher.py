@@ -10,9 +10,10 @@ import json
 import time
 
 from transfer.config import TeacherConfig
+from transfer.engine import distributed
 from transfer.engine.performance import check_runtime
-from transfer.engine.rundir import run_path, write_json
-from transfer.engine.runtime import resolve_device, seed_everything, set_threads
+from transfer.engine.rundir import run_path
+from transfer.engine.runtime import seed_everything, set_threads
 from transfer.engine.trainer import FitResult
 from transfer.models import build_model
 from transfer.stages.common import RunRequest, build_splits, make_loader, open_run
@@ -22,7 +23,7 @@ from transfer.tasks import SupervisedTask
 def train_teacher(cfg: TeacherConfig, request: RunRequest = RunRequest()) -> FitResult:
     """Train the teacher described by ``cfg`` into ``<log.root>/<log.name>``."""
     set_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = distributed.setup(cfg.train.device)
     check_runtime(device, cfg.train)
     splits = build_splits(cfg.data, cfg.train.seed)
     seed_everything(cfg.train.seed)
@@ -42,7 +43,6 @@ def train_teacher(cfg: TeacherConfig, request: RunRequest = RunRequest()) -> Fit
                 f"images{', ' + sizes if sizes else ''})")
     engine = open_run(run_path(cfg.log.root, cfg.log.name), "log.root/log.name", cfg, task, device, metadata, request,
                       describe=describe, data_root=getattr(splits.train, "root", None))
-    run = engine.run
     workers = cfg.data.num_workers
     train_loader = make_loader(splits.train, cfg.train.batch_size, train=True, num_workers=workers, device=device,
                                random_items=splits.augment is None)
@@ -58,7 +58,7 @@ def train_teacher(cfg: TeacherConfig, request: RunRequest = RunRequest()) -> Fit
     engine.logger.close()
     final = result.final
     best_row = result.history[result.best_epoch - 1] if result.best_epoch else final
-    write_json(run.metrics, {
+    engine.write_metrics({
         "kind": "teacher",
         "model": cfg.model.name,
         "dataset": cfg.data.name,

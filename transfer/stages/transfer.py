@@ -20,9 +20,10 @@ from transfer.config import TransferConfig
 from transfer.data import build_dataset
 from transfer.data.batch_augment import BatchTransform
 from transfer.engine.frozen import Frozen
+from transfer.engine import distributed
 from transfer.engine.performance import check_runtime, prepare_network
-from transfer.engine.rundir import run_path, write_json
-from transfer.engine.runtime import resolve_device, seed_everything, set_threads
+from transfer.engine.rundir import run_path
+from transfer.engine.runtime import seed_everything, set_threads
 from transfer.engine.trainer import Engine, FitResult
 from transfer.errors import CKTFError
 from transfer.losses import objective
@@ -145,9 +146,9 @@ def negative_sampler(cfg: TransferConfig, needs: dict[str, list[str]], teacher: 
                "split": cfg.data.train_split, "options": cfg.data.options, "transform": repr(eval_tf),
                "num_items": num_items}
         place = prepare_network(teacher, device, channels_last=cfg.train.channels_last)
-        neighbours = cached_neighbour_table(
+        neighbours = distributed.run_on_main(lambda: cached_neighbour_table(  # built once, by rank 0
             s.cache_dir, key, lambda: embed_pool(place, pool, cfg.train.eval_batch_size, device, cfg.data.num_workers),
-            table_k, index=s.index)
+            table_k, index=s.index))
     return build_sampler(s.kind, num_items, s.num_negatives, neighbours, exclude=s.k, hard_fraction=s.hard_fraction,
                          hard_pool=s.hard_pool, shared=s.shared)
 
@@ -179,7 +180,7 @@ def open_transfer_run(cfg: TransferConfig, task: TransferTask, teacher: LoadedNe
 
 def write_transfer_metrics(engine: Engine, cfg: TransferConfig, result: FitResult, started: float) -> None:
     """``metrics.json`` of the run: method, terms with their resolved options, first/final epoch, times."""
-    write_json(engine.run.metrics, {
+    engine.write_metrics({
         "kind": "transfer",
         "method": cfg.loss.method,
         "terms": cfg.loss.terms,
@@ -197,7 +198,7 @@ def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> Fit
     """Train the student of ``cfg`` into ``<log.root>/<log.name>``."""
     needs = resolve_loss_terms(cfg)
     set_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = distributed.setup(cfg.train.device)
     check_runtime(device, cfg.train)
     teacher_net = load_teacher(cfg)
     pool, augment = training_pool(cfg, teacher_net, needs)

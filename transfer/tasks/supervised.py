@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transfer.engine import distributed
 from transfer.engine.task import StepOutput, Task
 
 
@@ -27,9 +28,12 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         correct += (logits.argmax(dim=1) == targets).sum()
         count += targets.numel()
-    if count == 0:
+    totals = distributed.all_reduce_(torch.stack([correct.double(), loss_sum, torch.tensor(
+        float(count), dtype=torch.float64, device=device)]))  # under torchrun: this rank's shard of the split
+    correct_all, loss_all, count_all = totals.tolist()
+    if count_all == 0:
         return {}
-    return {"acc": correct.item() / count, "loss": loss_sum.item() / count}
+    return {"acc": correct_all / count_all, "loss": loss_all / count_all}
 
 
 class SupervisedTask(Task):

@@ -1,0 +1,210 @@
+"""Two ranks on 127.0.0.1 (gloo, CPU) through the real command line under torchrun.
+
+Each rank dumps its task state at the end (``tests/rank_driver.py``), so the tests compare ranks with each
+other, with one process, and interrupted-then-resumed runs with uninterrupted ones. Every launch has a
+subprocess timeout and ``CKTF_DIST_TIMEOUT``, so a hung collective fails the test instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli_helpers import invoke
+from tests.data_fixtures import write_fashion_idx
+from transfer.engine.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs/fashion_split"
+LAUNCH_TIMEOUT = 150
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(args: list[str], *, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node NPROC -m tests.rank_driver ARGS`` (a plain process for ``nproc=0``)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CKTF_DIST_TIMEOUT": "60", **env}
+    runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+              "127.0.0.1", "--master_port", str(free_port()), "-m", "tests.rank_driver"] if nproc else \
+        [sys.executable, "-m", "tests.rank_driver"]
+    return subprocess.run([*runner, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    write_fashion_idx(root / "fashion", n_train=400, n_test=60)  # 200 unlabeled target items
+    code, out = invoke("train-teacher", "--config", str(CONFIGS / "teacher.yaml"), "--data.root", str(root / "fashion"),
+                       "--log.root", str(root / "runs"), "--log.name", "teacher", "--model.name", "resnet8",
+                       "--train.epochs", "0", "--log.tensorboard", "false")
+    assert code == 0, out
+    return root
+
+
+def transfer_args(data: Path, runs: Path, config: str = "cktf", *extra: str) -> list[str]:
+    return ["transfer", "--config", str(CONFIGS / f"{config}.yaml"), "--data.root", str(data / "fashion"),
+            "--log.root", str(runs), "--log.name", "run", "--teacher", str(data / "runs/teacher/best.safetensors"),
+            "--train.batch_size", "16", "--train.threads", "1", "--sampler.num_negatives", "64", *extra]
+
+
+def dumped(folder: Path, rank: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    state = load_checkpoint(folder / f"rank{rank}.safetensors").state
+    return state["task"], [{k: v for k, v in row.items() if not k.endswith("per_s")} for row in state["history"]]
+
+
+def final_state(run: Path) -> tuple[dict, list]:
+    state = load_checkpoint(run / "last.safetensors").state
+    return state["task"], [{k: v for k, v in row.items() if not k.endswith("per_s")} for row in state["history"]]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def check_identical_ranks(done: subprocess.CompletedProcess, dump: Path, run: Path, banks: int,
+                          bank_dtype: torch.dtype = torch.float32) -> None:
+    """Banks, Z, heads, student weights and BatchNorm statistics bit-identical on both ranks; one start line and
+    one closing line; the run directory holds one set of files, written by rank 0."""
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("2 processes (gloo) x batch 8 per rank = global batch 16") == 1, done.stderr
+    assert done.stdout.count("done: ") == 1
+    rank0, history0 = dumped(dump, 0)
+    rank1, history1 = dumped(dump, 1)
+    assert_same(rank0, rank1)
+    assert history0 == history1
+    bank_keys = [k for k in rank0 if "bank_" in k]
+    assert len(bank_keys) == banks and all(rank0[k].dtype == bank_dtype for k in bank_keys)
+    assert all(torch.isfinite(rank0[k]).all() for k in rank0 if k.endswith(("z_student", "z_teacher")))
+    saved, _ = final_state(run)
+    assert_same(saved, rank0)
+    files = sorted(p.name for p in run.iterdir())
+    events = [name for name in files if name.startswith("events.out.tfevents")]
+    assert len(events) == 1, files
+    assert sorted(set(files) - set(events)) == [".cktf-run", "config.yaml", "last.safetensors", "metrics.json"]
+
+
+@pytest.mark.parametrize("config,extra,banks", [
+    ("kd", (), 0),
+    ("crd", ("--sampler.shared", "true"), 2),
+    ("cktf", ("--sampler.shared", "false", "--loss.nce.bank_dtype", "fp16"), 10),
+], ids=["kd", "crd-shared", "cktf-per-anchor-fp16-banks"])
+def test_ranks_stay_identical(data, tmp_path, config, extra, banks):
+    done = launch([*transfer_args(data, tmp_path / "runs", config, *extra), "--train.epochs", "1"],
+                  CKTF_TEST_DUMP=str(tmp_path))
+    check_identical_ranks(done, tmp_path, tmp_path / "runs/run", banks,
+                          torch.float16 if "fp16" in extra else torch.float32)
+
+
+def test_two_ranks_equal_one_process_with_the_global_batch(data, tmp_path):
+    """2 ranks x batch 8 against 1 process x batch 16, CKTF + KD with per-anchor negatives.
+
+    Made comparable (tests/rank_driver.py, CKTF_TEST_COMPARABLE): a student without BatchNorm (a rank's
+    BatchNorm sees only its 8 samples; SyncBatchNorm would fix that but needs CUDA), no random augmentation,
+    and negatives keyed by the anchor (by design each rank draws its own). What remains is float rounding:
+    the global batch's gradient is the mean of the two ranks' gradients, summed in a different order.
+    """
+    args = [*transfer_args(data, tmp_path / "runs", "cktf", "--sampler.shared", "false", "--loss.terms.kd.weight",
+                           "0.5", "--loss.nce.projection", "linear", "--train.lr", "0.005",
+                           "--train.channels_last", "false",
+                           "--log.tensorboard", "false"), "--train.epochs", "1"]
+    one = launch([*args, "--log.name", "one"], nproc=0, CKTF_TEST_DUMP=str(tmp_path / "one"), CKTF_TEST_COMPARABLE="1")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch([*args, "--log.name", "two"], CKTF_TEST_DUMP=str(tmp_path / "two"), CKTF_TEST_COMPARABLE="1")
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, single_history = dumped(tmp_path / "one", 0)
+    ranked, ranked_history = dumped(tmp_path / "two", 0)
+    assert single.keys() == ranked.keys()
+    for key in single:
+        a, b = single[key].double(), ranked[key].double()
+        scale = max(a.abs().max().item(), 1e-12) if a.numel() else 1.0
+        assert (a - b).abs().max().item() <= 1e-4 * scale, key
+    for row_a, row_b in zip(single_history, ranked_history, strict=True):
+        for key, value in row_a.items():
+            assert row_b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def interrupt_args(data: Path, runs: Path) -> list[str]:
+    return [*transfer_args(data, runs, "cktf", "--train.checkpoint_every", "3"), "--train.epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("straight")
+    done = launch(interrupt_args(data, runs), CKTF_TEST_DUMP=str(runs))
+    return done, runs
+
+
+def test_cktf_shared_ranks_stay_identical(uninterrupted):
+    done, runs = uninterrupted
+    check_identical_ranks(done, runs, runs / "run", 10)
+
+
+@pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM"])
+def test_one_rank_interrupted_then_resumed_equals_uninterrupted(data, uninterrupted, tmp_path, signame):
+    """A signal reaches rank 1 only, at its 17th batch load (epoch 2, batch 4 of 12: the end of epoch 1 counts
+    one). SIGKILL takes the whole job down (torchrun stops rank 0); SIGTERM makes both ranks stop at the same step
+    and rank 0 save. ``--resume`` under torchrun then ends with exactly the uninterrupted 2-rank run's weights,
+    banks and history."""
+    args = interrupt_args(data, tmp_path)
+    stopped = launch(args, CKTF_TEST_SIGNAL=f"{signame}:17:1")
+    assert stopped.returncode != 0
+    if signame == "SIGTERM":
+        line = [ln for ln in stopped.stderr.splitlines() if ln.startswith("stopped by SIGTERM")]
+        assert len(line) == 1 and "epoch 2, batch 4" in line[0], stopped.stderr[-3000:]
+        assert "torchrun <the same options> -m transfer.cli transfer" in line[0] and line[0].endswith("--resume")
+    saved = load_checkpoint(tmp_path / "run/last.safetensors").state
+    assert saved["world_size"] == 2 and len(saved["ranks"]) == 2
+    assert saved["progress"]["batches"] == (4 if signame == "SIGTERM" else 3)
+    resumed = launch([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr and resumed.stderr.count("resuming") == 1
+    task, history = final_state(tmp_path / "run")
+    done, runs = uninterrupted
+    assert done.returncode == 0, done.stderr[-3000:]
+    want_task, want_history = final_state(runs / "run")
+    assert history == want_history
+    assert_same(task, want_task)
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def one_error_line(done: subprocess.CompletedProcess, *needles: str) -> str:
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("Error:")]
+    assert done.returncode != 0 and len(lines) == 1, done.stderr[-3000:]
+    # torchrun's agent prints a traceback of its own for any failed worker; none may come from cktf
+    assert f"{REPO}/transfer/" not in done.stderr and f"{REPO}/linear_probe/" not in done.stderr, done.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra,env,needles", [
+    (("--train.batch_size", "15"), {}, ("train.batch_size 15 is not divisible by the 2",)),
+    (("--train.sync_bn", "true"), {}, ("train.sync_bn needs CUDA",)),
+    ((), {"CKTF_TEST_RANK_ARGS": "1:--train.lr 0.1"}, ("ranks disagree on the resolved config",)),
+], ids=["batch", "sync_bn-cpu", "config-differs"])
+def test_refused_in_one_line_before_the_run_directory(data, tmp_path, extra, env, needles):
+    done = launch([*transfer_args(data, tmp_path, "kd", *extra), "--train.epochs", "1"], **env)
+    one_error_line(done, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_rank_times_out_naming_the_address(data, tmp_path):
+    port = free_port()  # nobody listens there
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "CKTF_DIST_TIMEOUT": "3"}
+    done = launch([*transfer_args(data, tmp_path, "kd"), "--train.epochs", "1"], nproc=0, **env)
+    line = one_error_line(done, f"MASTER_ADDR:MASTER_PORT 127.0.0.1:{port}", "within 3 s", "(rank 1)")
+    assert len(line) < 400
