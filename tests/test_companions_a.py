@@ -349,6 +349,7 @@ def resnet8_context() -> TermContext:
      ["'loss.terms.fitnet.guided_stag'", "did you mean 'loss.terms.fitnet.guided_stage'"]),
     ({"fitnet": {"guided_stage": 0}}, ["loss.terms.fitnet.guided_stage", "≥ 1"]),
     ({"at": {"q": 2}}, ["'loss.terms.at.q'"]),
+    ({"at": {"p": 0.5}}, ["loss.terms.at.p", "≥ 1"]),
     ({"sp": {"stages": "first"}}, ["loss.terms.sp.stages", "one of 'last', 'all'"]),
     ({"cc": {"order": 40}}, ["loss.terms.cc.order"]),
     ({"cc": {"gamma": "wide"}}, ["loss.terms.cc.gamma", "expected a number"]),

@@ -41,7 +41,8 @@ class ATOptions(TermOptions):
 
     weight: float = option(1000.0, help="β: weight of the sum over stages (RepDistiller: 1000; the paper's β/2 "
                            "with β = 1000 is 500)", min=0.0)
-    p: float = option(2.0, help="exponent of the attention map Σ_c |A_c|^p (the paper uses 2)", min=1e-3)
+    p: float = option(2.0, help="exponent of the attention map Σ_c |A_c|^p (the paper uses 2; below 1 the "
+                      "gradient at the zeros of ReLU maps is infinite)", min=1.0)
 
 
 def attention_map(features: torch.Tensor, p: float) -> torch.Tensor:
