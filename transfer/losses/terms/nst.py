@@ -2,7 +2,7 @@
 
 NST treats each channel of a map as one sample of a distribution over spatial activation patterns: channel
 ``c`` of sample ``b`` is the vector ``f^c ∈ R^{HW}``, l2-normalised over the positions. It matches the
-student's and teacher's distributions by the squared maximum mean discrepancy (paper eq. 4–5), per sample,
+student's and teacher's distributions by the squared maximum mean discrepancy, per sample,
 
     MMD² = 1/C_T² Σ_{i,i'} k(f_T^i, f_T^{i'}) + 1/C_S² Σ_{j,j'} k(f_S^j, f_S^{j'}) − 2/(C_T C_S) Σ_{i,j} k(f_T^i, f_S^j)
 

@@ -1,16 +1,17 @@
 """``pkt``: probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018) on the penultimate vectors.
 
 PKT matches the conditional probability distributions of the samples of a batch in the teacher's and the
-student's feature spaces, estimated with the cosine-similarity kernel ``K(a, b) = ½(aᵀb / (‖a‖‖b‖) + 1)``
-(paper eq. 11–13, 15):
+student's feature spaces, estimated with the cosine-similarity kernel ``K(a, b) = ½(aᵀb / (‖a‖‖b‖) + 1)``,
+by the Kullback-Leibler divergence:
 
     p_{j|i} = K(t_j, t_i) / Σ_{k≠i} K(t_k, t_i),    q_{j|i} = K(s_j, s_i) / Σ_{k≠i} K(s_k, s_i)
 
     L_PKT = 1/(B(B−1)) · Σ_i Σ_{j≠i} p_{j|i} · log((p_{j|i} + ε) / (q_{j|i} + ε))
 
-i.e. the paper's sum of KL divergences ``KL(p_{·|i} ‖ q_{·|i})`` divided by the number of ordered pairs
-(RepDistiller's reduction, a mean over the batch² similarity matrix, which its β = 30000 is tuned for; ε guards
-the logarithm as there). The kernel needs no matching widths: student and teacher vectors may differ in size.
+i.e. the paper's sum of KL divergences ``KL(p_{·|i} ‖ q_{·|i})`` divided by the number of ordered pairs, the
+scale RepDistiller's β = 30000 is tuned for (its code averages over the whole ``B × B`` matrix and keeps the
+self-similarity ``K(x_i, x_i) = 1`` in each row's normalisation, which the paper's ``k ≠ i`` leaves out; ε
+guards the logarithm as there). The kernel needs no matching widths: student and teacher may differ in size.
 """
 
 from __future__ import annotations

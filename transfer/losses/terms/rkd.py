@@ -4,15 +4,17 @@ RKD transfers the *relations* between the samples of a batch instead of each sam
 ``s_i`` the teacher's and student's penultimate vectors and ``l_δ`` the Huber loss (δ = 1: ``½x²`` for
 ``|x| ≤ 1``, ``|x| − ½`` beyond):
 
-- distance-wise (paper eq. 4–5): ``ψ_D(t_i, t_j) = ‖t_i − t_j‖₂ / μ_t`` with ``μ_t`` the mean distance over
+- distance-wise: ``ψ_D(t_i, t_j) = ‖t_i − t_j‖₂ / μ_t`` with ``μ_t`` the mean distance over
   the distinct pairs of the batch (likewise for the student with its own ``μ_s``);
   ``L_D = mean_{i≠j} l_δ(ψ_D(t_i, t_j), ψ_D(s_i, s_j))``;
-- angle-wise (eq. 6–7): ``ψ_A(t_i, t_j, t_k) = ⟨e_ij, e_kj⟩``, ``e_ij = (t_i − t_j)/‖t_i − t_j‖₂``, the cosine
+- angle-wise: ``ψ_A(t_i, t_j, t_k) = ⟨e_ij, e_kj⟩``, ``e_ij = (t_i − t_j)/‖t_i − t_j‖₂``, the cosine
   of the angle at ``t_j``; ``L_A = mean_{i,j,k distinct} l_δ(ψ_A(t_i, t_j, t_k), ψ_A(s_i, s_j, s_k))``;
 
 ``L_RKD = λ_D·L_D + λ_A·L_A`` (logged as ``rkd/distance`` and ``rkd/angle``, each already multiplied by its λ).
-The paper sums over the pair and triplet sets; averaging over them, as its reference code, only rescales the
-λ. Student and teacher vectors may differ in width (only distances and angles are compared).
+The paper sums over the sets of distinct pairs and triplets; this term averages over them (a rescaling of
+the λ). The authors' code averages over all ``B²`` pairs and ``B³`` triplets instead, the degenerate ones
+(repeated indices) adding zeros, i.e. ``(B−1)/B`` and ``(B−1)(B−2)/B²`` times the values here (0.98 and 0.95
+at B = 64). Student and teacher vectors may differ in width (only distances and angles are compared).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 VID maximises a variational lower bound of the mutual information between a teacher map ``t`` and the student
 map ``s`` of the same stage: a Gaussian ``q(t | s)`` whose mean ``μ(s)`` is a small network of 1×1 convolutions
 on the student map and whose variance is one learned value per teacher channel,
-``σ_c² = log(1 + exp(α_c)) + ε``. The term is the negative log-likelihood (paper eq. 2 and 4, constant dropped)
+``σ_c² = log(1 + exp(α_c)) + ε``. The term is the negative log-likelihood (constant dropped)
 
     L_VID = Σ_k  1/(B·C·H·W) · Σ_{b,c,h,w} [ log σ_c + (t_{b,c,h,w} − μ_{c,h,w}(s_b))² / (2 σ_c²) ]
 
