@@ -39,10 +39,10 @@ class RKDOptions(TermOptions):
     """Options of ``loss.terms.rkd``."""
 
     weight: float = option(1.0, help="β: weight of λ_D·L_D + λ_A·L_A (RepDistiller: 1)", min=0.0)
-    distance_weight: float = option(25.0, help="λ_D: weight of the distance-wise loss (paper §4.2 and "
-                                    "RepDistiller: 25; 0 leaves it out)", min=0.0)
-    angle_weight: float = option(50.0, help="λ_A: weight of the angle-wise loss (paper §4.2 and RepDistiller: "
-                                 "50; 0 leaves it out)", min=0.0)
+    distance_weight: float = option(25.0, help="λ_D: weight of the distance-wise loss "
+                                    "(RepDistiller: 25; 0 leaves it out)", min=0.0)
+    angle_weight: float = option(50.0, help="λ_A: weight of the angle-wise loss "
+                                 "(RepDistiller: 50; 0 leaves it out)", min=0.0)
 
     def validate(self) -> None:
         if self.distance_weight == 0 and self.angle_weight == 0:
