@@ -153,7 +153,7 @@ def test_a_term_needing_labels_on_an_unlabeled_split_is_one_line(fashion):
 
 @pytest.mark.parametrize("extra,needles", [
     (["--loss.terms.nosuch.weight", "1"], ["unknown loss term 'loss.terms.nosuch'", "cktf methods"]),
-    (["--loss.terms.pkct.weight", "1"], ["did you mean 'loss.terms.pckt'"]),
+    (["--loss.terms.pcktt.weight", "1"], ["did you mean 'loss.terms.pckt'"]),
     (["--loss.terms.kd.temprature", "4"], ["'loss.terms.kd.temprature'", "did you mean 'loss.terms.kd.temperature'"]),
     (["--loss.terms.kd.temperature", "hot"], ["loss.terms.kd.temperature", "expected a number"]),
     (["--loss.terms.kd.temperature", "0"], ["loss.terms.kd.temperature", "≥ 0.0001"]),

@@ -1,0 +1,80 @@
+"""``pkt``: probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018) on the penultimate vectors.
+
+PKT matches the conditional probability distributions of the samples of a batch in the teacher's and the
+student's feature spaces, estimated with the cosine-similarity kernel ``K(a, b) = ½(aᵀb / (‖a‖‖b‖) + 1)``,
+by the Kullback-Leibler divergence:
+
+    p_{j|i} = K(t_j, t_i) / Σ_{k≠i} K(t_k, t_i),    q_{j|i} = K(s_j, s_i) / Σ_{k≠i} K(s_k, s_i)
+
+    L_PKT = 1/(B(B−1)) · Σ_i Σ_{j≠i} p_{j|i} · log((p_{j|i} + ε) / (q_{j|i} + ε))
+
+i.e. the paper's sum of KL divergences ``KL(p_{·|i} ‖ q_{·|i})`` divided by the number of ordered pairs, the
+scale RepDistiller's β = 30000 is tuned for (its code averages over the whole ``B × B`` matrix and keeps the
+self-similarity ``K(x_i, x_i) = 1`` in each row's normalisation, which the paper's ``k ≠ i`` leaves out; ε
+guards the logarithm as there). The kernel needs no matching widths: student and teacher may differ in size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from transfer.config import NCEConfig
+from transfer.config.loader import option
+from transfer.errors import CKTFError
+from transfer.losses.terms.base import LossTerm, Needs, TermContext, TermOptions, TransferBatch
+from transfer.losses.terms.map_pairs import fp32, full_precision
+from transfer.losses.terms.registry import register_term
+
+KEY = "loss.terms.pkt"
+
+
+@dataclass
+class PKTOptions(TermOptions):
+    """Options of ``loss.terms.pkt``."""
+
+    weight: float = option(30000.0, help="β: weight of the mean pairwise KL term (RepDistiller: 30000)", min=0.0)
+    eps: float = option(1e-7, help="ε added to both probabilities inside the logarithm", min=0.0)
+
+
+def conditional_probabilities(x: torch.Tensor) -> torch.Tensor:
+    """``[B, B]`` matrix of ``p_{j|i}`` (row i, column j) under the cosine kernel; the diagonal is 0."""
+    x = F.normalize(x, dim=1)
+    kernel = 0.5 * (x @ x.t() + 1.0)
+    off = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
+    kernel = torch.where(off, kernel, torch.zeros_like(kernel))
+    return kernel / kernel.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+@register_term("pkt")
+class PKTTerm(LossTerm):
+    """PKT: KL between the teacher's and student's cosine-kernel conditional distributions over the batch."""
+
+    Options = PKTOptions
+    paper = ("PKT: Passalis, Tefas, Learning Deep Representations with Probabilistic Knowledge Transfer "
+             "(ECCV 2018, arXiv 1803.10837)")
+
+    @classmethod
+    def declare(cls, options: PKTOptions, nce: NCEConfig) -> Needs:
+        return Needs(taps=("penultimate",))
+
+    def __init__(self, options: PKTOptions, ctx: TermContext) -> None:
+        super().__init__(options, ctx)
+        for side, shapes in (("student", ctx.student_shapes), ("teacher", ctx.teacher_shapes)):
+            if shapes is not None and len(tuple(shapes["penultimate"])) != 1:
+                raise CKTFError(f"{KEY} compares penultimate vectors, but the {side}'s penultimate tap has "
+                                f"per-sample shape {tuple(shapes['penultimate'])}; tap a flat [C] vector")
+
+    def forward(self, batch: TransferBatch) -> dict[str, torch.Tensor]:
+        s = fp32(batch.student.penultimate).flatten(1)
+        t = fp32(batch.teacher.penultimate.detach()).flatten(1)
+        n = len(s)
+        if n < 2:
+            return {"pkt": s.sum() * 0.0}
+        with full_precision(s):
+            p, q = conditional_probabilities(t), conditional_probabilities(s)
+            eps = self.options.eps
+            off = ~torch.eye(n, dtype=torch.bool, device=s.device)
+            return {"pkt": (p * torch.log((p + eps) / (q + eps)))[off].mean()}
