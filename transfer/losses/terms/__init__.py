@@ -33,7 +33,7 @@ from transfer.losses.terms.registry import (
 )
 
 # The built-in terms, one module each, imported (= registered) in the order they are built and summed.
-BUILTIN_TERMS = ("ce", "mckt", "pckt", "kd")
+BUILTIN_TERMS = ("ce", "mckt", "pckt", "kd", "ab", "ft", "fsp")
 for _name in BUILTIN_TERMS:
     importlib.import_module(f"transfer.losses.terms.{_name}")
 
