@@ -28,8 +28,8 @@ from transfer.data import build_dataset
 from transfer.data.batch_augment import BatchTransform
 from transfer.data.indexed import IndexedSubset, holdout_split
 from transfer.data.transforms import build_transform
-from transfer.engine.checkpoint import read_metadata
 from transfer.engine import distributed
+from transfer.engine.checkpoint import read_metadata
 from transfer.engine.performance import check_runtime, prepare_network
 from transfer.engine.runtime import seed_everything, set_threads
 from transfer.engine.trainer import Engine, FitResult

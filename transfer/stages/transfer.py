@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from transfer.config import TransferConfig
 from transfer.data import build_dataset
 from transfer.data.batch_augment import BatchTransform
-from transfer.engine.frozen import Frozen
 from transfer.engine import distributed
+from transfer.engine.frozen import Frozen
 from transfer.engine.performance import check_runtime, prepare_network
 from transfer.engine.rundir import run_path
 from transfer.engine.runtime import seed_everything, set_threads

@@ -33,7 +33,8 @@ from transfer.losses.terms.registry import (
 )
 
 # The built-in terms, one module each, imported (= registered) in the order they are built and summed.
-BUILTIN_TERMS = ("ce", "mckt", "pckt", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "nst")
+BUILTIN_TERMS = ("ce", "mckt", "pckt", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "nst",
+                 "fsp")
 for _name in BUILTIN_TERMS:
     importlib.import_module(f"transfer.losses.terms.{_name}")
 

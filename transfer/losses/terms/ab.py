@@ -1,0 +1,148 @@
+"""``ab``: distillation of activation boundaries (Heo et al., AAAI 2019), with its connector pre-training phase.
+
+For every transferred stage i (student map S_i, teacher map T_i of the same spatial size), a connector
+r_i (1×1 convolution + BatchNorm, the paper's) maps the student's map to the teacher's width, and the
+alternative (squared-hinge) loss asks each connector response to lie on the teacher neuron's side of the
+activation boundary with margin μ:
+
+    L_AB = scale · Σ_i w_i · (1/B) Σ_b ‖ ρ(T_i) ⊙ σ(μ − r_i(S_i)) + (1 − ρ(T_i)) ⊙ σ(μ + r_i(S_i)) ‖²₂
+
+with ρ(x) = 1[x > 0], σ(x) = max(0, x), the squared norm summed over channels and positions, and (as the
+authors' and RepDistiller's code) w_i = 2^(i − n + 1) over the n transferred stages (the deepest weighs 1) and
+scale = 3/1000. Since the two hinge terms are exclusive per element, this equals
+``(r + μ)²·[r > −μ ∧ T ≤ 0] + (r − μ)²·[r ≤ μ ∧ T > 0]``.
+
+**Init phase** (the paper's: AB initialises the student): for ``init_epochs`` epochs the student and the
+connectors minimise L_AB alone, SGD lr ``init_lr`` (:func:`transfer.losses.init_training.pretrain`). In the
+main loop the term keeps L_AB (``main_loop true``, needed when the transfer has no other signal, γ = 0); with
+``main_loop false`` it contributes 0 afterwards, as RepDistiller, whose main loop trains on CE/KD alone.
+
+**Departure from the paper**: the paper reads pre-ReLU responses; the taps here are stage outputs (after the
+block's ReLU for the ResNets). On the teacher side this is the same boundary (ReLU(x) > 0 ⟺ x > 0); on the
+student side the connector sees post-ReLU maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transfer.config import NCEConfig
+from transfer.config.loader import option
+from transfer.errors import CKTFError
+from transfer.losses.init_training import pretrain
+from transfer.losses.terms.base import InitPhase, LossTerm, Needs, TermContext, TermOptions, TransferBatch
+from transfer.losses.terms.registry import register_term
+
+KEY = "loss.terms.ab"
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (half-precision maps under autocast are widened; float64 stays, for gradient checks)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+@dataclass
+class ABOptions(TermOptions):
+    """Options of ``loss.terms.ab``."""
+
+    weight: float = option(1.0, help="β: weight of the activation-boundary loss (RepDistiller -b 1)", min=0.0)
+    margin: float = option(1.0, help="μ: margin of the squared hinge on the connector's response", min=0.0)
+    stages: list[int] | None = option(None, help="1-based stage numbers to transfer, paired student i with "
+                                      "teacher i (null: every stage, the ends of the paper's layer groups)", min=1)
+    scale: float = option(3e-3, help="constant factor on the sum (the AB authors' and RepDistiller's code: 3/1000)",
+                          min=0.0)
+    main_loop: bool = option(True, help="keep the loss in the main loop (false: only the init phase transfers, "
+                             "as RepDistiller, whose main loop then uses the other terms alone)")
+    init_epochs: int = option(2, help="epochs of the init phase training the student and the connectors on the "
+                              "AB loss alone (RepDistiller: 30 of a 240-epoch schedule; 0: no init phase)", min=0)
+    init_lr: float = option(0.05, help="SGD learning rate of the init phase (momentum 0.9, weight decay 5e-4)",
+                            min=0.0)
+
+    def validate(self) -> None:
+        if self.stages is not None and (not self.stages or len(set(self.stages)) != len(self.stages)):
+            raise CKTFError(f"config key '{KEY}.stages': expected distinct stage numbers (or null for every stage), "
+                            f"got {self.stages!r}")
+
+
+def chosen_stages(stages: list[int] | None, count: int, key: str, what: str) -> list[int]:
+    """0-based indices of the 1-based ``stages`` (all ``count`` when ``None``); one line if one does not exist."""
+    if stages is None:
+        return list(range(count))
+    missing = [s for s in stages if s > count]
+    if missing:
+        raise CKTFError(f"{key}: stage {missing[0]} does not exist; {what} has {count} stages (1..{count})")
+    return [s - 1 for s in stages]
+
+
+def boundary_loss(response: torch.Tensor, teacher: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per-sample ‖ρ(T)⊙σ(μ−r) + (1−ρ(T))⊙σ(μ+r)‖²₂, batch mean (fp32)."""
+    r, active = _wide(response), teacher.detach() > 0
+    hinge = torch.where(active, F.relu(margin - r), F.relu(margin + r))
+    return hinge.pow(2).flatten(1).sum(1).mean()
+
+
+def connector(s_channels: int, t_channels: int) -> nn.Sequential:
+    """The paper's connector: 1×1 convolution without bias + BatchNorm, He-initialised (fan-out) as its code."""
+    conv = nn.Conv2d(s_channels, t_channels, kernel_size=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, nn.BatchNorm2d(t_channels))
+
+
+@register_term("ab")
+class ActivationBoundaryTerm(LossTerm):
+    """AB: squared hinge on connector(student stage) against the teacher's activation boundaries (Heo et al.)."""
+
+    Options = ABOptions
+    paper = ("Heo, Lee, Yun, Choi, Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden "
+             "Neurons (AAAI 2019, arXiv 1811.03233)")
+
+    @classmethod
+    def declare(cls, options: ABOptions, nce: NCEConfig) -> Needs:
+        return Needs(taps=("stages",), same_stage_count=True, init_phase=options.init_epochs > 0)
+
+    def __init__(self, options: ABOptions, ctx: TermContext) -> None:
+        super().__init__(options, ctx)
+        s_channels, t_channels = ctx.student_channels["stages"], ctx.teacher_channels["stages"]
+        count = min(len(s_channels), len(t_channels))
+        self.stages = chosen_stages(options.stages, count, f"{KEY}.stages", "the student/teacher pair")
+        if ctx.student_shapes is not None and ctx.teacher_shapes is not None:
+            for i in self.stages:
+                s, t = ctx.student_shapes["stages"][i], ctx.teacher_shapes["stages"][i]
+                if tuple(s[1:]) != tuple(t[1:]):
+                    raise CKTFError(f"{KEY}.stages: stage {i + 1} has student map {tuple(s)} and teacher map "
+                                    f"{tuple(t)}; AB's 1×1 connector needs one spatial size, choose other stages")
+        n = len(self.stages)
+        self.layer_weights = [2.0 ** (k - n + 1) for k in range(n)]
+        self.connectors = nn.ModuleList(connector(s_channels[i], t_channels[i]) for i in self.stages)
+        self.register_buffer("init_loss", torch.zeros(options.init_epochs))
+
+    def losses(self, batch: TransferBatch) -> dict[str, torch.Tensor]:
+        """The weighted, scaled loss of every transferred stage (``ab/stage<i>``)."""
+        out = {}
+        for k, (i, conn) in enumerate(zip(self.stages, self.connectors, strict=True)):
+            loss = boundary_loss(conn(batch.student.stages[i]), batch.teacher.stages[i], self.options.margin)
+            out[f"ab/stage{i + 1}"] = self.options.scale * self.layer_weights[k] * loss
+        return out
+
+    def forward(self, batch: TransferBatch) -> dict[str, torch.Tensor]:
+        if not self.options.main_loop:  # a zero on the graph: the step still runs when ab is the only term
+            return {"ab": batch.student.stages[self.stages[-1]].float().sum() * 0.0}
+        return self.losses(batch)
+
+    def init_phase(self, phase: InitPhase) -> None:
+        phase.student.train()
+        self.train()
+
+        def objective(images: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                teacher = phase.teacher(images)
+            batch = TransferBatch(phase.student(images), teacher, torch.empty(0), torch.empty(0), None)
+            return sum(self.losses(batch).values())
+
+        params = [*phase.student.parameters(), *self.connectors.parameters()]
+        means = pretrain(phase, params, objective, epochs=self.options.init_epochs, lr=self.options.init_lr, key=KEY)
+        self.init_loss.copy_(torch.tensor(means, dtype=self.init_loss.dtype))
