@@ -430,7 +430,7 @@ def test_each_config_runs_a_transfer(fashion, name, cktf):
     for key in expected:
         assert math.isfinite(epoch[f"train/{key}_epoch"]), (key, epoch)
     weights = yaml.safe_load(ckpt.metadata["terms"])
-    assert weights[name] == (1.0 if cktf else TERMS[name].Options().weight)
+    assert weights[name] == TERMS[name].Options().weight  # CKTF+X: θ = 1 on X's loss at its usual weight β
     assert set(weights) == ({"mckt", "pckt", name} if cktf else {name})
     if name == "fitnet":
         assert "terms.fitnet.regressor.0.weight" in ckpt.state["task"]

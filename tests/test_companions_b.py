@@ -23,7 +23,7 @@ from transfer.config import LossConfig
 from transfer.data import _spec as dataset_spec
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.errors import CKTFError
-from transfer.losses.terms import BUILTIN_TERMS, TermContext, TransferBatch, build_terms, resolve_terms
+from transfer.losses.terms import BUILTIN_TERMS, TERMS, TermContext, TransferBatch, build_terms, resolve_terms
 from transfer.models.taps import TapOutputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -393,7 +393,7 @@ def test_the_committed_configs_are_the_fashion_lowres_proxy(name):
         assert cfg["teacher"]["checkpoint"] == "runs/fashion_lowres_teacher/best.safetensors"
     assert set(alone["loss"]["terms"]) == {name} and alone["loss"]["method"] == name
     assert set(cktf["loss"]["terms"]) == {"mckt", "pckt", name} and cktf["loss"]["method"] == f"cktf_{name}"
-    assert cktf["loss"]["terms"][name]["weight"] == 1.0  # θ = 1
+    assert cktf["loss"]["terms"][name]["weight"] == TERMS[name].Options().weight  # θ = 1 on X's loss at its usual β
     assert (cktf["loss"]["terms"]["mckt"]["weight"], cktf["loss"]["terms"]["pckt"]["weight"]) == (0.8, 0.2)
 
 

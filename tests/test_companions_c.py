@@ -16,7 +16,7 @@ from tests.data_fixtures import write_fashion_idx
 from transfer.config import LossConfig
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.errors import CKTFError
-from transfer.losses.terms import BUILTIN_TERMS, TermContext, TransferBatch, build_terms, resolve_terms
+from transfer.losses.terms import BUILTIN_TERMS, TERMS, TermContext, TransferBatch, build_terms, resolve_terms
 from transfer.models import FeatureTaps, TapOutputs, build_model, tap_spec_for
 from transfer.tasks.transfer import TransferTask
 
@@ -343,8 +343,8 @@ def test_the_committed_configs_have_the_lowres_proxy_data_and_the_new_loss_form(
             assert cfg["data"]["train_split"] == "target_unlabeled" and cfg["student"] == {"name": "resnet8"}
             assert cfg["teacher"]["checkpoint"] == "runs/fashion_lowres_teacher/best.safetensors"
             assert cfg["loss"]["method"] == stem and list(cfg["loss"]["terms"]) == terms
-            if stem.startswith("cktf_"):
-                assert cfg["loss"]["terms"][name]["weight"] == 1.0  # θ = 1, CKTF Table 2
+            if stem.startswith("cktf_"):  # θ = 1 on the method's own loss, which keeps its usual weight β
+                assert cfg["loss"]["terms"][name]["weight"] == TERMS[name].Options().weight
             resolve_terms(LossConfig(terms=cfg["loss"]["terms"]))
 
 
@@ -365,7 +365,7 @@ def test_transfer_runs_end_to_end_from_the_lowres_config(fashion, tmp_path, name
     assert f"terms.{name}.{own}" in state
     if combined:
         assert any(k.startswith("train/mckt/") for k in history) and "train/pckt_epoch" in history
-        assert ckpt.metadata["terms"].endswith(f'"{name}": 1.0}}')
+        assert ckpt.metadata["terms"].endswith(f'"{name}": {TERMS[name].Options().weight}}}')
 
 
 @pytest.mark.parametrize("name", METHODS)
