@@ -28,6 +28,7 @@ from transfer.errors import CKTFError
 
 PNG_NAME, MD_NAME, CSV_NAME = "convergence.png", "comparison.md", "comparison.csv"
 TEST_ACC_TAG = "probe/test_acc"
+TRANSFER_ACC_TAG = "test/acc"  # a transfer on a labeled split (γ > 0), evaluated on its test split every epoch
 CONVERGED_FRACTION = 0.95
 _MISSING = "—"
 # (key in metrics.json / summary rows, Markdown header); fractions are shown as percentages
@@ -66,8 +67,9 @@ def load_probe_run(path: str | Path) -> ProbeRun:
     probe_dir = _probe_dir(Path(path))
     metrics_file = probe_dir / "metrics.json"
     metrics = _read_metrics(metrics_file)
+    tag = TRANSFER_ACC_TAG if metrics.get("kind") == "transfer" else TEST_ACC_TAG
     return ProbeRun(path=probe_dir, method=metrics["method"], seed=metrics.get("seed"),
-                    curve=_read_curve(probe_dir), metrics=metrics)
+                    curve=_read_curve(probe_dir, tag), metrics=metrics)
 
 
 def _probe_dir(path: Path) -> Path:
@@ -79,7 +81,7 @@ def _probe_dir(path: Path) -> Path:
         raise CKTFError(f"{path} is empty; expected a run directory (runs/<name>) or its probe/ directory")
     if (path / "probe").is_dir():
         path = path / "probe"
-    elif not (path.name == "probe" or _looks_like_probe(path / "metrics.json")):
+    elif not (path.name == "probe" or _has_curve(path / "metrics.json")):
         path = path / "probe"  # a transfer run that was never probed
     if not (path / "metrics.json").is_file():
         run = path.parent
@@ -89,15 +91,18 @@ def _probe_dir(path: Path) -> Path:
     return path
 
 
-def _looks_like_probe(metrics_file: Path) -> bool:
-    """A probe's metrics, or unreadable ones (so that the user learns what is wrong with them)."""
+def _has_curve(metrics_file: Path) -> bool:
+    """A probe's metrics, a transfer evaluated on a labeled test split every epoch (compression with labels),
+    or unreadable metrics (so that the user learns what is wrong with them)."""
     if not metrics_file.is_file():
         return False
     try:
         metrics = json.loads(metrics_file.read_text())
     except (OSError, ValueError):
         return True
-    return not isinstance(metrics, dict) or metrics.get("kind") == "probe"
+    if not isinstance(metrics, dict):
+        return True
+    return metrics.get("kind") == "probe" or (metrics.get("kind") == "transfer" and "final_acc" in metrics)
 
 
 def _read_metrics(file: Path) -> dict[str, Any]:
@@ -129,19 +134,20 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _read_curve(probe_dir: Path) -> list[float]:
-    """Per-epoch ``probe/test_acc``; of a step written twice (a resumed probe) the later write wins."""
+def _read_curve(probe_dir: Path, tag: str = "probe/test_acc") -> list[float]:
+    """Per-epoch ``tag`` (``probe/test_acc``, or a labeled transfer's ``test/acc``); of a step written twice (a
+    resumed run) the later write wins."""
     from tensorboard.backend.event_processing import event_accumulator as ea
 
     # Our own purge below works on wall time, so it does not depend on the order the files are read in.
     acc = ea.EventAccumulator(str(probe_dir), size_guidance={ea.SCALARS: 0}, purge_orphaned_data=False)
     try:
         acc.Reload()
-        events = acc.Scalars(TEST_ACC_TAG) if TEST_ACC_TAG in acc.Tags()["scalars"] else []
+        events = acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []
     except Exception as err:  # a corrupt event file is the user's to fix: one line, no traceback
         raise CKTFError(f"{probe_dir}: cannot read TensorBoard events ({type(err).__name__})") from None
     if not events:
-        raise CKTFError(f"{probe_dir} has no {TEST_ACC_TAG} events (events.out.tfevents.*); "
+        raise CKTFError(f"{probe_dir} has no {tag} events (events.out.tfevents.*); "
                         "the probe wrote no epoch, rerun `cktf probe`")
     by_step: dict[int, float] = {}
     for event in sorted(events, key=lambda e: e.wall_time):  # stable: file order breaks ties
@@ -151,14 +157,14 @@ def _read_curve(probe_dir: Path) -> list[float]:
         by_step[event.step] = float(event.value)
     steps = sorted(by_step)
     if steps[0] < 1:
-        raise CKTFError(f"{probe_dir}: {TEST_ACC_TAG} steps must be 1-based epochs, got step {steps[0]}")
+        raise CKTFError(f"{probe_dir}: {tag} steps must be 1-based epochs, got step {steps[0]}")
     if steps != list(range(1, len(steps) + 1)):
         missing = sorted(set(range(1, steps[-1] + 1)) - set(steps))
-        raise CKTFError(f"{probe_dir}: {TEST_ACC_TAG} must have one point per epoch, "
+        raise CKTFError(f"{probe_dir}: {tag} must have one point per epoch, "
                         f"epochs {', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''} are missing")
     curve = [by_step[s] for s in steps]
     if not all(0 <= v <= 1 for v in curve):
-        raise CKTFError(f"{probe_dir}: {TEST_ACC_TAG} values must be fractions in [0, 1], got up to {max(curve)}")
+        raise CKTFError(f"{probe_dir}: {tag} values must be fractions in [0, 1], got up to {max(curve)}")
     return curve
 
 

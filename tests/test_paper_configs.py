@@ -38,9 +38,13 @@ def test_configs_follow_the_published_code():
     assert probe["probe"] == {"mode": "augment", "standardize": False, "knn_k": 20}
     assert (probe["train"]["epochs"], probe["train"]["milestones"], probe["train"]["batch_size"],
             probe["train"]["lr"], probe["train"]["nesterov"]) == (240, [150, 180, 210], 64, 0.05, False)
-    compression = yaml.safe_load((REPO / "configs/compression/cktf_tinyimagenet_vgg19_vgg8.yaml").read_text())["loss"]
-    weights = {name: options["weight"] for name, options in compression["terms"].items()}
-    assert weights == {"ce": 1.0, "pckt": 0.8, "mckt": 0.1}
+    for path in sorted((REPO / "configs").glob("*/cktf_*_*.yaml")):
+        if path.parent.name not in ("cifar100", "tinyimagenet"):
+            continue
+        compression = yaml.safe_load(path.read_text())
+        weights = {name: options["weight"] for name, options in compression["loss"]["terms"].items()}
+        assert weights == {"ce": 1.0, "pckt": 0.8, "mckt": 0.1}, path
+        assert compression["data"]["val_fraction"] == 0.1 and compression["data"]["test_split"], path
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transfer.config import TransferConfig
-from transfer.data import build_dataset
+from transfer.data import IndexedSubset, build_dataset, holdout_split
 from transfer.data.batch_augment import BatchTransform
 from transfer.engine import distributed
 from transfer.engine.frozen import Frozen
@@ -118,6 +119,41 @@ def evaluation_pool(cfg: TransferConfig) -> tuple[Dataset, Callable]:
     return build_dataset(d.name, d.train_split, d.root, eval_tf, **d.options), eval_tf
 
 
+@dataclass
+class LabeledEvaluation:
+    """For a labeled transfer split whose classes are the teacher's (compression with labels, γ > 0): the pools
+    without the validation holdout, and the splits the student's classifier is evaluated on every epoch."""
+
+    pool: Dataset
+    eval_pool: Dataset
+    evals: dict[str, Dataset]
+
+
+def labeled_evaluation(cfg: TransferConfig, teacher: LoadedNetwork, pool: Dataset,
+                       eval_pool: Dataset) -> LabeledEvaluation:
+    """Validation and test splits of a labeled transfer (``data.val_split`` or a ``data.val_fraction`` holdout of
+    the train split, and ``data.test_split``), evaluated with the student's own classifier (top-1, top-5).
+
+    An unlabeled pool (targets −1), or one whose classes are not the teacher's (the student's classifier has the
+    teacher's classes), is not evaluated: the linear probe measures such a student.
+    """
+    d = cfg.data
+    targets = torch.as_tensor(pool.targets)
+    if len(targets) == 0 or bool((targets < 0).any()) or pool.num_classes != teacher.num_classes:
+        return LabeledEvaluation(pool, eval_pool, {})
+    eval_tf = eval_transform(d)
+    evals: dict[str, Dataset] = {}
+    if d.val_split is not None:
+        evals["val"] = build_dataset(d.name, d.val_split, d.root, eval_tf, **d.options)
+    elif d.val_fraction > 0:
+        keep, held = holdout_split(len(pool), d.val_fraction, cfg.train.seed)
+        evals["val"] = IndexedSubset(eval_pool, held)
+        pool, eval_pool = IndexedSubset(pool, keep), IndexedSubset(eval_pool, keep)
+    if d.test_split is not None:
+        evals["test"] = build_dataset(d.name, d.test_split, d.root, eval_tf, **d.options)
+    return LabeledEvaluation(pool, eval_pool, evals)
+
+
 def term_context(cfg: TransferConfig, student: FeatureTaps, teacher: Frozen, teacher_name: str,
                  pool: Dataset) -> TermContext:
     """Tap widths and shapes of both networks, the models' reference pooling windows, the pool size and a lazy
@@ -191,7 +227,19 @@ def write_transfer_metrics(engine: Engine, cfg: TransferConfig, result: FitResul
         "first": result.history[0] if result.history else {},
         "train_seconds": result.train_seconds,
         "wall_seconds_this_invocation": time.perf_counter() - started,
+        **evaluated_metrics(cfg, result),
     })
+
+
+def evaluated_metrics(cfg: TransferConfig, result: FitResult) -> dict:
+    """What ``cktf compare`` reads of a transfer evaluated on a labeled test split (as of a probe): the last
+    epoch's and the best-validation epoch's test accuracy; nothing for an unevaluated (unlabeled) transfer."""
+    if "test/acc" not in result.final:
+        return {}
+    best = result.history[result.best_epoch - 1] if result.best_epoch else None
+    return {"seed": cfg.train.seed, "final_acc": result.final["test/acc"], "final_acc5": result.final.get("test/acc5"),
+            "best_epoch": result.best_epoch, "best_val_acc": result.best_value,
+            "test_acc_at_best": best.get("test/acc") if best else None, "transfer_seconds": result.train_seconds}
 
 
 def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> FitResult:
@@ -204,6 +252,8 @@ def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> Fit
     pool, augment = training_pool(cfg, teacher_net, needs)
     student, teacher = build_networks(cfg, teacher_net, pool.in_channels, needs)
     eval_pool, eval_tf = evaluation_pool(cfg)
+    labeled = labeled_evaluation(cfg, teacher_net, pool, eval_pool)
+    pool, eval_pool = labeled.pool, labeled.eval_pool
     terms, weights = build_terms(cfg.loss, term_context(cfg, student, teacher, teacher_net.name, eval_pool))
     sampler = negative_sampler(cfg, needs, teacher, eval_pool, eval_tf, device)
     task = TransferTask(student, teacher, terms, weights, sampler)
@@ -214,8 +264,10 @@ def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> Fit
     if "init_phase" in needs and not engine.resumed:
         eval_loader = DataLoader(eval_pool, batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers)
         engine.task.init_phases(eval_loader, device, loader, augment)
+    evals = {name: make_loader(ds, cfg.train.eval_batch_size, train=False, num_workers=cfg.data.num_workers,
+                               device=device) for name, ds in labeled.evals.items()}
     started = time.perf_counter()
-    result = engine.fit(loader, augment=augment)
+    result = engine.fit(loader, evals, select="val/acc" if "val" in evals else None, augment=augment)
     engine.logger.close()
     write_transfer_metrics(engine, cfg, result, started)
     return result

@@ -10,6 +10,8 @@ when one declares ``labels``, sums the weighted losses and runs the declared ini
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -19,6 +21,7 @@ from transfer.engine.task import StepOutput, Task
 from transfer.errors import CKTFError
 from transfer.losses.terms import InitPhase, TransferBatch
 from transfer.models.taps import FeatureTaps
+from transfer.tasks.supervised import evaluate_classifier
 
 
 class TransferTask(Task):
@@ -47,6 +50,10 @@ class TransferTask(Task):
 
     def compile_targets(self) -> list[nn.Module]:
         return [self.student, self.teacher]
+
+    def evaluate(self, loader: DataLoader, device: torch.device, autocast: Any) -> dict[str, float]:
+        """The student's classifier on a labeled split (compression with labels: top-1, top-5, loss)."""
+        return evaluate_classifier(lambda images: self.student(images).logits, loader, device, autocast)
 
     def objective(self, batch: TransferBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(Σ weight · Σ losses, logged scalars)`` of every term on ``batch``; diagnostics never enter the sum."""

@@ -1,0 +1,75 @@
+"""Compression with labels (paper Table 1, γ > 0) on a CIFAR-100 fixture in the official format: the student's
+classifier is evaluated on the test split every epoch, best kept by validation, compared like probe curves."""
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from tests.cli_helpers import invoke, one_line_error
+from tests.data_fixtures import write_cifar
+from transfer.engine.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = REPO / "configs/cifar100"
+SMALL = ["--train.epochs", "2", "--train.batch_size", "16", "--train.eval_batch_size", "32", "--data.num_workers",
+         "0", "--data.val_fraction", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root / "data", "cifar100", n_train=96, n_test=32)
+    code, out = invoke("train-teacher", "--config", str(CIFAR / "teacher_resnet32x4.yaml"), "--data.root",
+                       str(root / "data"), "--log.root", str(root / "runs"), *SMALL[:2], *SMALL[2:])
+    assert code == 0, out
+    return root
+
+
+def compress(root: Path, *extra: str) -> tuple[int, str]:
+    return invoke("transfer", "--config", str(CIFAR / "cktf_resnet32x4_resnet8x4.yaml"), "--data.root",
+                  str(root / "data"), "--log.root", str(root / "runs"), "--teacher",
+                  str(root / "runs/cifar100_resnet32x4_teacher/best.safetensors"), "--sampler.num_negatives", "32",
+                  *SMALL, *extra)
+
+
+def test_the_table1_config_trains_and_evaluates_the_student_every_epoch(cifar):
+    code, out = compress(cifar)
+    assert code == 0, out
+    run = cifar / "runs/cifar100_cktf_resnet32x4_resnet8x4"
+    metrics = json.loads((run / "metrics.json").read_text())
+    history = load_checkpoint(run / "last.safetensors").state["history"]
+    assert [set(row) >= {"test/acc", "test/acc5", "val/acc", "train/ce_epoch", "train/pckt_epoch"} for row in history] \
+        == [True, True]
+    assert metrics["final_acc"] == history[-1]["test/acc"] and metrics["final_acc5"] == history[-1]["test/acc5"]
+    assert all(row["test/acc"] <= row["test/acc5"] for row in history)
+    best = max(range(2), key=lambda i: (history[i]["val/acc"], -i))
+    assert metrics["best_epoch"] == best + 1 and metrics["test_acc_at_best"] == history[best]["test/acc"]
+    assert int(load_checkpoint(run / "best.safetensors").metadata["epoch"]) == best + 1
+
+    code, out = invoke("compare", str(run), "--out", str(cifar / "report"))
+    assert code == 0, out
+    table = (cifar / "report/comparison.md").read_text()
+    assert "| cktf |" in table and f"{100 * metrics['final_acc']:.2f}" in table
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_carrying_code_stops_the_run_before_anything_runs(cifar, tmp_path):
+    write_cifar(tmp_path / "data", "cifar100", n_train=8, n_test=4)
+    marker = tmp_path / "ran"
+    with open(tmp_path / "data/cifar-100-python/train", "wb") as fh:
+        pickle.dump({b"data": _Payload(marker)}, fh, protocol=4)
+    code, out = invoke("transfer", "--config", str(CIFAR / "cktf_resnet32x4_resnet8x4.yaml"), "--data.root",
+                       str(tmp_path / "data"), "--log.root", str(tmp_path / "runs"), "--teacher",
+                       str(cifar / "runs/cifar100_resnet32x4_teacher/best.safetensors"))
+    one_line_error(code, out, "refusing", "cifar-100-python/train", "nothing in it was run")
+    assert not marker.exists() and not (tmp_path / "runs").exists()
