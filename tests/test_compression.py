@@ -73,3 +73,18 @@ def test_a_pickle_carrying_code_stops_the_run_before_anything_runs(cifar, tmp_pa
                        str(cifar / "runs/cifar100_resnet32x4_teacher/best.safetensors"))
     one_line_error(code, out, "refusing", "cifar-100-python/train", "nothing in it was run")
     assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+def test_labels_with_more_classes_than_the_teachers_classifier_are_one_line(tmp_path):
+    from tests.data_fixtures import write_fashion_idx
+
+    write_fashion_idx(tmp_path / "fashion", n_train=200, n_test=40)
+    code, out = invoke("train-teacher", "--config", str(REPO / "configs/fashion_split/teacher.yaml"), "--data.root",
+                       str(tmp_path / "fashion"), "--log.root", str(tmp_path / "runs"), "--log.name", "t5",
+                       "--model.name", "resnet8", "--train.epochs", "0")
+    assert code == 0, out  # a 5-class source teacher
+    code, out = invoke("transfer", "--config", str(REPO / "configs/fashion_lowres/kd.yaml"), "--data.root",
+                       str(tmp_path / "fashion"), "--teacher", str(tmp_path / "runs/t5/best.safetensors"),
+                       "--data.train_split", "target_train", "--data.options.labels_per_class", "2",
+                       "--loss.terms.ce.weight", "1", "--log.root", str(tmp_path / "runs"))
+    one_line_error(code, out, "loss.terms.ce", "teacher's 5", "10 classes")

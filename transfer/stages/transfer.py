@@ -92,6 +92,11 @@ def training_pool(cfg: TransferConfig, teacher: LoadedNetwork,
         term = needs["labels"][0]
         raise CKTFError(f"loss.terms.{term} needs labels, but data split '{d.train_split}' of {d.name} has unlabeled "
                         f"images (target -1); leave loss.terms.{term} out, or transfer on a labeled split")
+    if "labels" in needs and pool.num_classes > teacher.num_classes:
+        term = needs["labels"][0]
+        raise CKTFError(f"loss.terms.{term} needs the transfer split's classes to be the teacher's (the student's "
+                        f"classifier has the teacher's {teacher.num_classes}), but {d.name}/{d.train_split} has "
+                        f"{pool.num_classes} classes")
     if "memory_banks" in needs and len(pool) < 2:
         raise CKTFError(f"loss.terms.{needs['memory_banks'][0]} keeps a memory bank over the transfer pool, but "
                         f"{d.name}/{d.train_split} has {len(pool)} item(s); it needs at least 2")
