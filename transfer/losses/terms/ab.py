@@ -35,14 +35,11 @@ from transfer.config.loader import option
 from transfer.errors import CKTFError
 from transfer.losses.init_training import pretrain
 from transfer.losses.terms.base import InitPhase, LossTerm, Needs, TermContext, TermOptions, TransferBatch
+from transfer.losses.terms.map_pairs import fp32
 from transfer.losses.terms.registry import register_term
 
 KEY = "loss.terms.ab"
 
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """At least fp32 (half-precision maps under autocast are widened; float64 stays, for gradient checks)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 @dataclass
@@ -80,7 +77,7 @@ def chosen_stages(stages: list[int] | None, count: int, key: str, what: str) -> 
 
 def boundary_loss(response: torch.Tensor, teacher: torch.Tensor, margin: float) -> torch.Tensor:
     """Per-sample ‖ρ(T)⊙σ(μ−r) + (1−ρ(T))⊙σ(μ+r)‖²₂, batch mean (fp32)."""
-    r, active = _wide(response), teacher.detach() > 0
+    r, active = fp32(response), teacher.detach() > 0
     hinge = torch.where(active, F.relu(margin - r), F.relu(margin + r))
     return hinge.pow(2).flatten(1).sum(1).mean()
 

@@ -25,14 +25,11 @@ from transfer.config import NCEConfig
 from transfer.config.loader import option
 from transfer.errors import CKTFError
 from transfer.losses.terms.base import LossTerm, Needs, TermContext, TermOptions, TransferBatch
+from transfer.losses.terms.map_pairs import fp32
 from transfer.losses.terms.registry import register_term
 
 KEY = "loss.terms.at"
 
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in fp32 (fp16/bf16 under autocast are widened; fp64, e.g. a gradient check, is kept)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 @dataclass
@@ -47,7 +44,7 @@ class ATOptions(TermOptions):
 
 def attention_map(features: torch.Tensor, p: float) -> torch.Tensor:
     """``[B, C, H, W]`` → ``[B, H·W]``: ``mean_c |A_c|^p`` per position, L2-normalised per sample, fp32."""
-    q = _wide(features).abs().pow(p).mean(dim=1).flatten(1)
+    q = fp32(features).abs().pow(p).mean(dim=1).flatten(1)
     return F.normalize(q, dim=1)
 
 

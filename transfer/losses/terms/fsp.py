@@ -32,15 +32,12 @@ from transfer.config.loader import option
 from transfer.errors import CKTFError
 from transfer.losses.init_training import pretrain
 from transfer.losses.terms.base import InitPhase, LossTerm, Needs, TermContext, TermOptions, TransferBatch
+from transfer.losses.terms.map_pairs import fp32
 from transfer.losses.terms.registry import register_term
 from transfer.models.taps import TapOutputs
 
 KEY = "loss.terms.fsp"
 
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """At least fp32 (half-precision maps under autocast are widened; float64 stays, for gradient checks)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 @dataclass
@@ -67,7 +64,7 @@ class FSPOptions(TermOptions):
 
 def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     """``[B, m, n]`` FSP matrices of ``bottom`` [B, m, h, w] and ``top`` [B, n, h', w'] (larger map pooled)."""
-    bottom, top = _wide(bottom), _wide(top)
+    bottom, top = fp32(bottom), fp32(top)
     if bottom.shape[2:] != top.shape[2:]:
         size = min(bottom.shape[2], top.shape[2]), min(bottom.shape[3], top.shape[3])
         bottom, top = F.adaptive_avg_pool2d(bottom, size), F.adaptive_avg_pool2d(top, size)

@@ -35,14 +35,11 @@ from transfer.config.loader import option
 from transfer.errors import CKTFError
 from transfer.losses.init_training import pretrain
 from transfer.losses.terms.base import InitPhase, LossTerm, Needs, TermContext, TermOptions, TransferBatch
+from transfer.losses.terms.map_pairs import fp32
 from transfer.losses.terms.registry import register_term
 
 KEY = "loss.terms.ft"
 
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """At least fp32 (half-precision maps under autocast are widened; float64 stays, for gradient checks)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 @dataclass
@@ -95,7 +92,7 @@ def translator(channels: int, factor: int) -> nn.Sequential:
 
 def factor_distance(f_s: torch.Tensor, f_t: torch.Tensor, p: int, reduction: str) -> torch.Tensor:
     """Batch mean of ‖F_T/‖F_T‖ − F_S/‖F_S‖‖_p^p per sample (÷ D for ``mean``); the larger map is pooled."""
-    f_s, f_t = _wide(f_s), _wide(f_t)
+    f_s, f_t = fp32(f_s), fp32(f_t)
     if f_s.shape[2:] != f_t.shape[2:]:
         size = min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3])
         f_s, f_t = F.adaptive_avg_pool2d(f_s, size), F.adaptive_avg_pool2d(f_t, size)

@@ -48,6 +48,13 @@ def check_maps(shapes: dict | None, side: str, indices: list[int], key: str) -> 
                             "tap convolutional stages (student.taps / teacher.taps) or leave the term out")
 
 
+def check_vector(shapes: dict | None, side: str, key: str) -> None:
+    """The ``side`` (student/teacher) penultimate tap is a flat ``[C]`` vector per sample."""
+    if shapes is not None and len(tuple(shapes["penultimate"])) != 1:
+        raise CKTFError(f"{key} compares penultimate vectors, but the {side}'s penultimate tap has per-sample shape "
+                        f"{tuple(shapes['penultimate'])}; tap a flat [C] vector")
+
+
 def common_size(fs: torch.Tensor, ft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher maps ``[B, C, H, W]`` average-pooled to the smaller of their heights and widths."""
     size = (min(fs.shape[2], ft.shape[2]), min(fs.shape[3], ft.shape[3]))

@@ -28,7 +28,7 @@ from transfer.config import NCEConfig
 from transfer.config.loader import option
 from transfer.errors import CKTFError
 from transfer.losses.terms.base import LossTerm, Needs, TermContext, TermOptions, TransferBatch
-from transfer.losses.terms.map_pairs import fp32, full_precision
+from transfer.losses.terms.map_pairs import check_vector, fp32, full_precision
 from transfer.losses.terms.registry import register_term
 
 KEY = "loss.terms.rkd"
@@ -89,10 +89,8 @@ class RKDTerm(LossTerm):
 
     def __init__(self, options: RKDOptions, ctx: TermContext) -> None:
         super().__init__(options, ctx)
-        for side, shapes in (("student", ctx.student_shapes), ("teacher", ctx.teacher_shapes)):
-            if shapes is not None and len(tuple(shapes["penultimate"])) != 1:
-                raise CKTFError(f"{KEY} compares penultimate vectors, but the {side}'s penultimate tap has "
-                                f"per-sample shape {tuple(shapes['penultimate'])}; tap a flat [C] vector")
+        check_vector(ctx.student_shapes, "student", KEY)
+        check_vector(ctx.teacher_shapes, "teacher", KEY)
 
     def forward(self, batch: TransferBatch) -> dict[str, torch.Tensor]:
         s = fp32(batch.student.penultimate).flatten(1)

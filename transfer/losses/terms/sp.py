@@ -24,14 +24,11 @@ from transfer.config import NCEConfig
 from transfer.config.loader import option
 from transfer.errors import CKTFError
 from transfer.losses.terms.base import LossTerm, Needs, TermContext, TermOptions, TransferBatch
+from transfer.losses.terms.map_pairs import fp32
 from transfer.losses.terms.registry import register_term
 
 KEY = "loss.terms.sp"
 
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in fp32 (fp16/bf16 under autocast are widened; fp64, e.g. a gradient check, is kept)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 @dataclass
@@ -46,7 +43,7 @@ class SPOptions(TermOptions):
 
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
     """``[b, …]`` → the row-normalised ``[b, b]`` Gram matrix ``G̃`` of the flattened features, fp32."""
-    q = _wide(features).flatten(1)
+    q = fp32(features).flatten(1)
     return F.normalize(q @ q.t(), dim=1)
 
 
