@@ -84,8 +84,8 @@ def test_demo_methods_and_only_seeds_are_checked(tmp_path):
     steps, compared = plan(tmp_path, [0], CONFIGS, ("kd", "cktf_reference"))
     names = {s.run_dir.name for s in steps}
     assert {f"{PREFIX}_kd_s0", f"{PREFIX}_cktf_reference_s0"} <= names and f"{PREFIX}_crd_s0" not in names
-    code, out = invoke("demo", "--runs", str(tmp_path), "--methods", "kd,fitnet")
-    one_line_error(code, out, "--methods fitnet", "cktf_reference")
+    code, out = invoke("demo", "--runs", str(tmp_path), "--methods", "kd,nosuch")
+    one_line_error(code, out, "--methods nosuch", "cktf_reference")
     code, out = invoke("demo", "--runs", str(tmp_path), "--only-seeds", "1")
     one_line_error(code, out, "--only-seeds", "shared runs finished first")
     code, out = invoke("demo", "--runs", str(tmp_path), "--only-seeds", "one")
