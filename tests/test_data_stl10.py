@@ -148,5 +148,5 @@ def test_missing_root_unknown_split_and_option(tmp_path):
         build_dataset("stl10", "train", tmp_path, folds=1)
     one_line_error(excinfo, "folds", "fold")
     with pytest.raises(CKTFError) as excinfo:
-        build_dataset("cifar10", "train", tmp_path)
-    one_line_error(excinfo, "cifar10", "stl10", "fashion_split", "image_folder")
+        build_dataset("cifar7", "train", tmp_path)
+    one_line_error(excinfo, "cifar7", "stl10", "fashion_split", "image_folder", "cifar100")
