@@ -288,3 +288,16 @@ def write_cifar(root: str | Path, variant: str = "cifar100", n_train: int = 40, 
     with open(folder / meta_name, "wb") as fh:
         _py2_dump({names_key: [f"class{i}".encode() for i in range(classes)]}, fh)
     return out
+
+
+class CodePayload:
+    """An object whose unpickling would run ``touch marker``: what a malicious pickle carries. Tests assert the
+    marker never appears."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)

@@ -2,14 +2,13 @@
 classifier is evaluated on the test split every epoch, best kept by validation, compared like probe curves."""
 
 import json
-import os
 import pickle
 from pathlib import Path
 
 import pytest
 
 from tests.cli_helpers import invoke, one_line_error
-from tests.data_fixtures import write_cifar
+from tests.data_fixtures import CodePayload, write_cifar
 from transfer.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,19 +54,11 @@ def test_the_table1_config_trains_and_evaluates_the_student_every_epoch(cifar):
     assert "| cktf |" in table and f"{100 * metrics['final_acc']:.2f}" in table
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_a_pickle_carrying_code_stops_the_run_before_anything_runs(cifar, tmp_path):
     write_cifar(tmp_path / "data", "cifar100", n_train=8, n_test=4)
     marker = tmp_path / "ran"
     with open(tmp_path / "data/cifar-100-python/train", "wb") as fh:
-        pickle.dump({b"data": _Payload(marker)}, fh, protocol=4)
+        pickle.dump({b"data": CodePayload(marker)}, fh, protocol=4)
     code, out = invoke("transfer", "--config", str(CIFAR / "cktf_resnet32x4_resnet8x4.yaml"), "--data.root",
                        str(tmp_path / "data"), "--log.root", str(tmp_path / "runs"), "--teacher",
                        str(cifar / "runs/cifar100_resnet32x4_teacher/best.safetensors"))

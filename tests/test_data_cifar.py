@@ -1,6 +1,5 @@
 """CIFAR-10/100 from the official pickled "python version" files, read without running anything they hold."""
 
-import os
 import pickle
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 from tests.cli_helpers import assert_one_line, invoke, one_line_error
-from tests.data_fixtures import write_cifar
+from tests.data_fixtures import CodePayload, write_cifar
 from transfer.data import build_dataset, build_transform
 from transfer.data.batch_augment import build_batch_transform
 from transfer.errors import CKTFError
@@ -44,19 +43,11 @@ def test_transforms_keep_32px_and_pad_crop_by_4(tmp_path):
     assert torch.allclose(plain, (raw[0][0].float() / 255 - mean) / std, atol=1e-6)
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_a_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
     folder = write_cifar(tmp_path, "cifar100", n_train=4, n_test=4)["folder"]
     marker = tmp_path / "pwned"
     with open(folder / "train", "wb") as fh:
-        pickle.dump({b"data": _Payload(marker), b"fine_labels": [0]}, fh, protocol=4)
+        pickle.dump({b"data": CodePayload(marker), b"fine_labels": [0]}, fh, protocol=4)
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("cifar100", "train", tmp_path)
     assert_one_line(excinfo, "refusing", "train", "system", "nothing in it was run")

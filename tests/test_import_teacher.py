@@ -11,6 +11,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from tests.cli_helpers import invoke, one_line_error
+from tests.data_fixtures import CodePayload
 from transfer.engine.checkpoint import read_metadata
 from transfer.models.checkpoints import load_network
 from transfer.models.importer import WeightsError, read_state_dict
@@ -66,22 +67,10 @@ def test_existing_out_needs_overwrite_and_missing_folder_is_refused(resnet, tmp_
     assert not (tmp_path / "no").exists()
 
 
-class _Payload:
-    """Unpickling this would run ``touch`` on the marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_a_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "PAYLOAD_RAN"
     evil = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}, "extra": _Payload(marker)}, evil)
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}, "extra": CodePayload(marker)}, evil)
     out = tmp_path / "t.safetensors"
     one_line_error(*_import(evil, out), str(evil), "refused", "weights_only")
     assert not marker.exists() and not out.exists()
