@@ -35,7 +35,7 @@ from transfer.config.loader import option
 from transfer.errors import CKTFError
 from transfer.losses.init_training import pretrain
 from transfer.losses.terms.base import InitPhase, LossTerm, Needs, TermContext, TermOptions, TransferBatch
-from transfer.losses.terms.map_pairs import fp32
+from transfer.losses.terms.map_pairs import check_distinct_stages, fp32
 from transfer.losses.terms.registry import register_term
 
 KEY = "loss.terms.ab"
@@ -60,9 +60,7 @@ class ABOptions(TermOptions):
                             min=0.0)
 
     def validate(self) -> None:
-        if self.stages is not None and (not self.stages or len(set(self.stages)) != len(self.stages)):
-            raise CKTFError(f"config key '{KEY}.stages': expected distinct stage numbers (or null for every stage), "
-                            f"got {self.stages!r}")
+        check_distinct_stages(self.stages, f"{KEY}.stages")
 
 
 def chosen_stages(stages: list[int] | None, count: int, key: str, what: str) -> list[int]:

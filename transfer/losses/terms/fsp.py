@@ -32,7 +32,7 @@ from transfer.config.loader import option
 from transfer.errors import CKTFError
 from transfer.losses.init_training import pretrain
 from transfer.losses.terms.base import InitPhase, LossTerm, Needs, TermContext, TermOptions, TransferBatch
-from transfer.losses.terms.map_pairs import fp32
+from transfer.losses.terms.map_pairs import check_distinct_stages, fp32
 from transfer.losses.terms.registry import register_term
 from transfer.models.taps import TapOutputs
 
@@ -57,9 +57,7 @@ class FSPOptions(TermOptions):
                             min=0.0)
 
     def validate(self) -> None:
-        if self.stages is not None and (not self.stages or len(set(self.stages)) != len(self.stages)):
-            raise CKTFError(f"config key '{KEY}.stages': expected distinct stage numbers (or null for every stage), "
-                            f"got {self.stages!r}")
+        check_distinct_stages(self.stages, f"{KEY}.stages")
 
 
 def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:

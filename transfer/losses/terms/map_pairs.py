@@ -14,6 +14,14 @@ import torch.nn.functional as F
 from transfer.errors import CKTFError
 
 
+def check_distinct_stages(stages: list[int] | None, key: str) -> None:
+    """A ``stages`` option is null or a non-empty list of distinct stage numbers (checked when the config loads,
+    before the networks, and so the stage count, are known)."""
+    if stages is not None and (not stages or len(set(stages)) != len(stages)):
+        raise CKTFError(f"config key '{key}': expected distinct stage numbers (or null for every stage), "
+                        f"got {stages!r}")
+
+
 def selected_stages(stages: list[int] | None, count: int, key: str) -> list[int]:
     """0-based indices of the stages named by a term's ``stages`` option (``None``: every stage).
 
