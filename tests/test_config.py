@@ -157,3 +157,52 @@ def test_sampler_shared_defaults_to_shared_for_uniform_only(tmp_path, kind, shar
     cfg = load_config(crd, TransferConfig, ["--sampler.shared", "null", "--sampler.kind", kind])
     assert cfg.sampler.shared is shared
     assert yaml.safe_load(dump_config(cfg))["sampler"]["shared"] is shared  # the saved config says which
+
+
+def test_base_chain_merges_mappings_and_replaces_leaves(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text(yaml.safe_dump({**BASE, "data": {**BASE["data"], "options": {"a": 1}}}))
+    (tmp_path / "sub/mid.yaml").write_text("base: ../root.yaml\ntrain: {epochs: 5, milestones: [1, 2]}\n")
+    (tmp_path / "sub/leaf.yaml").write_text("base: mid.yaml\ndata: {options: {b: 2}}\nlog: {name: leaf}\n")
+    cfg = load_config(tmp_path / "sub/leaf.yaml", TeacherConfig, ["--train.batch_size", "8"])
+    assert (cfg.train.epochs, cfg.train.milestones, cfg.train.batch_size) == (5, [1, 2], 8)
+    assert cfg.data.options == {"a": 1, "b": 2} and cfg.data.train_split == "source_train"
+    assert cfg.log.name == "leaf" and cfg.model.name == "resnet8"
+    assert "base" not in yaml.safe_load(dump_config(cfg))  # the saved config is the resolved one
+
+
+def test_an_error_names_the_file_the_key_came_from(tmp_path):
+    (tmp_path / "root.yaml").write_text(yaml.safe_dump({**BASE, "train": {"epochs": -1}}))
+    (tmp_path / "leaf.yaml").write_text("base: root.yaml\ntrain: {batch_size: 0}\n")
+    msg = error_of(lambda: load_config(tmp_path / "leaf.yaml", TeacherConfig, ["--train.batch_size", "4"]))
+    assert "'train.epochs'" in msg and "root.yaml" in msg
+    (tmp_path / "root.yaml").write_text(yaml.safe_dump(BASE))
+    msg = error_of(lambda: load_config(tmp_path / "leaf.yaml", TeacherConfig))
+    assert "'train.batch_size'" in msg and "leaf.yaml" in msg
+
+
+@pytest.mark.parametrize("base,expected", [
+    ("missing.yaml", "missing.yaml does not exist ('base:' of"),
+    ("[1, 2]", "config key 'base' in"),
+    ("null", "config key 'base' in"),
+    ("leaf.yaml", "comes back to itself"),
+])
+def test_bad_base_is_one_line(tmp_path, base, expected):
+    (tmp_path / "leaf.yaml").write_text(f"base: {base}\nlog: {{name: x}}\n")
+    assert expected in error_of(lambda: load_config(tmp_path / "leaf.yaml", TeacherConfig))
+
+
+def test_a_two_file_loop_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    msg = error_of(lambda: load_config(tmp_path / "a.yaml", TeacherConfig))
+    assert "comes back to itself" in msg and "a.yaml -> " in msg
+
+
+def test_a_list_of_bases_merges_in_order(tmp_path):
+    (tmp_path / "root.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "a.yaml").write_text("base: root.yaml\ntrain: {epochs: 3, lr: 0.1}\n")
+    (tmp_path / "b.yaml").write_text("train: {epochs: 7}\ndata: {options: {x: 1}}\n")
+    (tmp_path / "ab.yaml").write_text("base: [a.yaml, b.yaml]\nlog: {name: ab}\n")
+    cfg = load_config(tmp_path / "ab.yaml", TeacherConfig)
+    assert (cfg.train.epochs, cfg.train.lr, cfg.data.options, cfg.log.name) == (7, 0.1, {"x": 1}, "ab")

@@ -9,6 +9,7 @@ from transfer.config.loader import (
     load_config,
     option,
     parse_overrides,
+    read_config_tree,
 )
 from transfer.config.schema import (
     DataConfig,
@@ -28,5 +29,5 @@ __all__ = [
     "TeacherRefConfig", "TrainConfig", "TransferConfig",
     "build_section", "config_from_dict", "config_to_dict", "describe_options", "dump_config", "load_config",
     "option",
-    "parse_overrides",
+    "parse_overrides", "read_config_tree",
 ]

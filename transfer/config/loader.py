@@ -281,36 +281,82 @@ def overrides_for(schema: type, overrides: list[str] | tuple[str, ...]) -> list[
     return kept
 
 
+BASE_KEY = "base"
+
+
+def read_config_tree(path: str | Path, source: dict[str, str] | None = None) -> dict[str, Any]:
+    """The mapping of a config file with its ``base:`` chain merged in, before validation.
+
+    A config may start with ``base: other.yaml`` (relative to its own folder): it then holds only what
+    differs from that file. Mappings merge key by key, everything else (numbers, strings, lists) replaces,
+    so ``cktf_sp.yaml`` can be ``base: [cktf.yaml, sp.yaml]`` (merged in that order) plus its own run name.
+    Where each key came from is recorded in ``source`` (for one-line errors that name the right file).
+    """
+    if source is None:
+        source = {}
+    return _read_tree(Path(path), [], source, "option --config")
+
+
+def _read_yaml(p: Path, how: str) -> dict[str, Any]:
+    if not p.is_file():
+        raise CKTFError(f"config file {p} does not exist ({how})")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CKTFError(f"config file {p} is not a text file; expected YAML (UTF-8), like configs/*/*.yaml") \
+            from None
+    except OSError as err:
+        raise CKTFError(f"config file {p} cannot be read ({err.strerror or err})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise CKTFError(f"config file {p} is not valid YAML{where}") from None
+    except RecursionError:
+        raise CKTFError(f"config file {p} is nested too deeply to be a config") from None
+    if loaded is None:
+        raise CKTFError(f"config file {p} is empty; expected a mapping of sections (data:, train:, log:, …)")
+    if not isinstance(loaded, dict):
+        raise CKTFError(f"config file {p}: expected a mapping of sections at the top level")
+    return loaded
+
+
+def _read_tree(p: Path, chain: list[Path], source: dict[str, str], how: str) -> dict[str, Any]:
+    loaded = _read_yaml(p, how)
+    resolved = p.resolve()
+    if resolved in chain:
+        loop = " -> ".join(str(c) for c in [*chain, resolved])
+        raise CKTFError(f"config file {p}: its '{BASE_KEY}:' chain comes back to itself ({loop})")
+    values: dict[str, Any] = {}
+    bases = loaded.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):
+        raise CKTFError(f"config key '{BASE_KEY}' in {p}: expected the path of another config file, or a "
+                        f"list of them (relative to {p.parent}), got {bases!r}")
+    for base in bases:
+        _merge(values, _read_tree(p.parent / base, [*chain, resolved], source, f"'{BASE_KEY}:' of {p}"))
+    _record_sources(loaded, "", f"in {p}", source)
+    _merge(values, loaded)
+    return values
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def load_config(path: str | Path | None, schema: type[T], overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Read ``path`` (YAML), apply command-line ``overrides`` and validate into ``schema``."""
+    """Read ``path`` (YAML, with its ``base:`` chain), apply command-line ``overrides`` and validate into ``schema``."""
     values: dict[str, Any] = {}
     source: dict[str, str] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise CKTFError(f"config file {p} does not exist (option --config)")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise CKTFError(f"config file {p} is not a text file; expected YAML (UTF-8), like configs/*/*.yaml") \
-                from None
-        except OSError as err:
-            raise CKTFError(f"config file {p} cannot be read ({err.strerror or err})") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise CKTFError(f"config file {p} is not valid YAML{where}") from None
-        except RecursionError:
-            raise CKTFError(f"config file {p} is nested too deeply to be a config") from None
-        if loaded is None:
-            raise CKTFError(f"config file {p} is empty; expected a mapping of sections (data:, train:, log:, …)")
-        if not isinstance(loaded, dict):
-            raise CKTFError(f"config file {p}: expected a mapping of sections at the top level")
-        values = loaded
-        source[""] = f"in {p}"
-        _record_sources(values, "", f"in {p}", source)
+        values = read_config_tree(path, source)
+        source[""] = f"in {Path(path)}"
     apply_overrides(values, schema, parse_overrides(overrides), source)
     return _build(schema, values, "", source)
 
