@@ -23,8 +23,8 @@ EXTRA=$(printf '%q ' "$@")
 CKTF=${CKTF:-cktf}
 PYTHON=${PYTHON:-python}
 CONFIGS=configs/fashion_labeled
-COMPANIONS=${COMPANIONS:-fitnet at sp cc vid rkd pkt ab ft nst fsp}
-SEEDS=${SEEDS:-0 1 2}
+COMPANIONS=${COMPANIONS-fitnet at sp cc vid rkd pkt ab ft nst fsp}
+SEEDS=${SEEDS-0 1 2}
 
 run_one() {
   local method=$1 seed=$2 start=$SECONDS

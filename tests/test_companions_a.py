@@ -18,8 +18,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from tests.cli_helpers import invoke, one_line_error
-from tests.data_fixtures import write_fashion_idx
+from tests.cli_helpers import one_line_error
+from tests.lowres_runs import LOWRES, lowres_transfer
 from transfer.config import LossConfig
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.errors import CKTFError
@@ -27,7 +27,6 @@ from transfer.losses.terms import TERMS, InitPhase, TermContext, TransferBatch, 
 from transfer.models import FeatureTaps, TapOutputs, build_model, tap_spec_for
 
 REPO = Path(__file__).resolve().parents[1]
-LOWRES = REPO / "configs/fashion_lowres"
 METHODS = ("fitnet", "at", "sp", "cc")
 
 
@@ -380,35 +379,6 @@ def test_impossible_pairings_are_one_line_naming_the_key(name, options, ctx, nee
 
 # -- end to end: cktf transfer from the fashion_lowres configs ---------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fashion(tmp_path_factory):
-    root = tmp_path_factory.mktemp("companions_a")
-    write_fashion_idx(root / "fashion", n_train=200, n_test=40)
-    code, out = invoke("train-teacher", "--config", str(REPO / "configs/fashion_split/teacher.yaml"), "--data.root",
-                       str(root / "fashion"), "--log.root", str(root / "runs"), "--log.name", "teacher",
-                       "--model.name", "resnet8", "--train.epochs", "1", "--train.batch_size", "32",
-                       "--log.tensorboard", "false")
-    assert code == 0, out
-    return root
-
-
-def local_config(root: Path, config: str, **options) -> Path:
-    """The committed config with this branch's fashion_split options (split_images/target_shift come from
-    another branch; the teacher fixture is trained on the default source classes)."""
-    cfg = yaml.safe_load((LOWRES / config).read_text())
-    assert cfg["data"]["options"]["target_shift"] == "lowres" and cfg["data"]["options"]["split_images"] is True
-    cfg["data"]["options"] = options
-    path = root / config
-    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-    return path
-
-
-def transfer(root: Path, config: Path, name: str, *extra: str) -> tuple[int, str]:
-    return invoke("transfer", "--config", str(config), "--teacher", str(root / "runs/teacher/best.safetensors"),
-                  "--data.root", str(root / "fashion"), "--log.root", str(root / "runs"), "--log.name", name,
-                  "--train.batch_size", "16", "--train.epochs", "1", "--sampler.num_negatives", "32",
-                  "--log.tensorboard", "false", *extra)
-
 
 LOGGED = {"fitnet": ["fitnet"], "at": ["at/stage1", "at/stage2", "at/stage3"], "sp": ["sp"], "cc": ["cc"]}
 
@@ -419,12 +389,12 @@ def quick(name: str) -> list[str]:
 
 @pytest.mark.parametrize("cktf", [False, True], ids=["alone", "cktf"])
 @pytest.mark.parametrize("name", METHODS)
-def test_each_config_runs_a_transfer(fashion, name, cktf):
+def test_each_config_runs_a_transfer(lowres_fixture, name, cktf):
     config_name = f"cktf_{name}.yaml" if cktf else f"{name}.yaml"
     run_name = config_name.removesuffix(".yaml")
-    code, out = transfer(fashion, local_config(fashion, config_name), run_name, *quick(name))
+    code, out = lowres_transfer(lowres_fixture, LOWRES / config_name, run_name, *quick(name))
     assert code == 0, out
-    ckpt = load_checkpoint(fashion / "runs" / run_name / "last.safetensors")
+    ckpt = load_checkpoint(lowres_fixture / "runs" / run_name / "last.safetensors")
     epoch = ckpt.state["history"][0]
     expected = LOGGED[name] + (["mckt/stem", "pckt"] if cktf else [])
     for key in expected:
@@ -438,12 +408,12 @@ def test_each_config_runs_a_transfer(fashion, name, cktf):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_each_method_with_ce_on_a_labeled_split(fashion, name):
-    config = local_config(fashion, f"{name}.yaml", labels_per_class=10)
-    code, out = transfer(fashion, config, f"{name}_ce", "--data.train_split", "target_train",
-                         "--loss.terms.ce.weight", "1", *quick(name))
+def test_each_method_with_ce_on_a_labeled_split(lowres_fixture, name):
+    config = LOWRES / f"{name}.yaml"
+    code, out = lowres_transfer(lowres_fixture, config, f"{name}_ce", "--data.train_split", "target_train",
+                                "--data.options.labels_per_class", "5", "--loss.terms.ce.weight", "1", *quick(name))
     assert code == 0, out
-    epoch = load_checkpoint(fashion / f"runs/{name}_ce/last.safetensors").state["history"][0]
+    epoch = load_checkpoint(lowres_fixture / f"runs/{name}_ce/last.safetensors").state["history"][0]
     assert math.isfinite(epoch["train/ce_epoch"]) and math.isfinite(epoch[f"train/{LOGGED[name][0]}_epoch"])
 
 
@@ -452,7 +422,7 @@ def test_each_method_with_ce_on_a_labeled_split(fashion, name):
     (["--loss.terms.fitnet.init_epoch", "1"], ["did you mean 'loss.terms.fitnet.init_epochs'"]),
     (["--loss.terms.sp.stages", "every"], ["loss.terms.sp.stages"]),
 ])
-def test_bad_input_on_the_command_line_is_one_line_before_the_run(fashion, extra, needles):
-    code, out = transfer(fashion, local_config(fashion, "cktf_fitnet.yaml"), "bad_a", *extra)
+def test_bad_input_on_the_command_line_is_one_line_before_the_run(lowres_fixture, extra, needles):
+    code, out = lowres_transfer(lowres_fixture, LOWRES / "cktf_fitnet.yaml", "bad_a", *extra)
     one_line_error(code, out, *needles)
-    assert not (fashion / "runs/bad_a").exists()
+    assert not (lowres_fixture / "runs/bad_a").exists()

@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from tests.cli_helpers import invoke, one_line_error
-from tests.data_fixtures import write_fashion_idx
+from tests.cli_helpers import one_line_error
+from tests.lowres_runs import LOWRES, lowres_transfer
 from transfer.config import LossConfig
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.errors import CKTFError
@@ -26,7 +26,6 @@ from transfer.losses.terms import BUILTIN_TERMS, TERMS, TermContext, TransferBat
 from transfer.models.taps import TapOutputs
 
 REPO = Path(__file__).resolve().parents[1]
-LOWRES = REPO / "configs/fashion_lowres"
 METHODS = ("vid", "rkd", "pkt", "nst")
 
 
@@ -348,29 +347,6 @@ def test_a_penultimate_tap_that_is_not_a_vector_is_one_line(name):
 
 # -- end to end: the configs, alone and with CKTF, and next to ce ---------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fashion(tmp_path_factory):
-    root = tmp_path_factory.mktemp("companions_b")
-    write_fashion_idx(root / "fashion", n_train=200, n_test=40)
-    code, out = invoke("train-teacher", "--config", str(LOWRES / "teacher.yaml"),
-                       "--data.root", str(root / "fashion"), "--log.root", str(root / "runs"), "--log.name",
-                       "teacher", "--model.name", "resnet8", "--train.epochs", "1", "--train.batch_size", "32",
-                       "--log.tensorboard", "false")
-    assert code == 0, out
-    return root
-
-
-def runnable(config: Path, tmp_path: Path) -> Path:
-    """The committed config as it is (the teacher above is trained on the same fashion_lowres source)."""
-    return config
-
-
-def transfer(root: Path, config: Path, name: str, *extra: str) -> tuple[int, str]:
-    return invoke("transfer", "--config", str(config), "--teacher", str(root / "runs/teacher/best.safetensors"),
-                  "--data.root", str(root / "fashion"), "--log.root", str(root / "runs"), "--log.name", name,
-                  "--train.batch_size", "16", "--train.epochs", "1", "--sampler.num_negatives", "16",
-                  "--log.tensorboard", "false", *extra)
-
 
 def committed(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
@@ -392,12 +368,12 @@ def test_the_committed_configs_are_the_fashion_lowres_proxy(name):
 
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("combined", [False, True], ids=["alone", "cktf"])
-def test_transfer_runs_from_the_configs(fashion, tmp_path, name, combined):
-    config = runnable(LOWRES / (f"cktf_{name}.yaml" if combined else f"{name}.yaml"), tmp_path)
+def test_transfer_runs_from_the_configs(lowres_fixture, name, combined):
+    config = LOWRES / (f"cktf_{name}.yaml" if combined else f"{name}.yaml")
     run = f"{'cktf_' if combined else ''}{name}"
-    code, out = transfer(fashion, config, run)
+    code, out = lowres_transfer(lowres_fixture, config, run)
     assert code == 0, out
-    ckpt = load_checkpoint(fashion / "runs" / run / "last.safetensors")
+    ckpt = load_checkpoint(lowres_fixture / "runs" / run / "last.safetensors")
     history = ckpt.state["history"][0]
     logged = {key for key in history if key.startswith(f"train/{name}")}
     assert logged, history
@@ -409,12 +385,12 @@ def test_transfer_runs_from_the_configs(fashion, tmp_path, name, combined):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_with_ce_on_a_labeled_split(fashion, tmp_path, name):
-    config = runnable(LOWRES / f"{name}.yaml", tmp_path)
-    code, out = transfer(fashion, config, f"ce_{name}", "--data.train_split", "target_train",
-                         "--loss.terms.ce.weight", "1", "--data.options.labels_per_class", "5")
+def test_with_ce_on_a_labeled_split(lowres_fixture, name):
+    config = LOWRES / f"{name}.yaml"
+    code, out = lowres_transfer(lowres_fixture, config, f"ce_{name}", "--data.train_split", "target_train",
+                                "--loss.terms.ce.weight", "1", "--data.options.labels_per_class", "5")
     assert code == 0, out
-    history = load_checkpoint(fashion / "runs" / f"ce_{name}" / "last.safetensors").state["history"][0]
+    history = load_checkpoint(lowres_fixture / "runs" / f"ce_{name}" / "last.safetensors").state["history"][0]
     assert "train/ce_epoch" in history and any(k.startswith(f"train/{name}") for k in history)
 
 
@@ -422,7 +398,7 @@ def test_with_ce_on_a_labeled_split(fashion, tmp_path, name):
     (["--loss.terms.vid.stages", "[1, 4]"], ["loss.terms.vid.stages", "stage 4 does not exist", "3 stages"]),
     (["--loss.terms.vid.init_varience", "2"], ["did you mean 'loss.terms.vid.init_variance'"]),
 ])
-def test_bad_options_on_the_command_line_are_one_line(fashion, tmp_path, extra, needles):
-    code, out = transfer(fashion, runnable(LOWRES / "vid.yaml", tmp_path), "bad_vid", *extra)
+def test_bad_options_on_the_command_line_are_one_line(lowres_fixture, extra, needles):
+    code, out = lowres_transfer(lowres_fixture, LOWRES / "vid.yaml", "bad_vid", *extra)
     one_line_error(code, out, *needles)
-    assert not (fashion / "runs/bad_vid").exists()
+    assert not (lowres_fixture / "runs/bad_vid").exists()

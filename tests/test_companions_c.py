@@ -11,8 +11,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.cli_helpers import assert_one_line, invoke, one_line_error
-from tests.data_fixtures import write_fashion_idx
+from tests.cli_helpers import assert_one_line, one_line_error
+from tests.lowres_runs import LOWRES, lowres_transfer
 from transfer.config import LossConfig
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.errors import CKTFError
@@ -21,7 +21,6 @@ from transfer.models import FeatureTaps, TapOutputs, build_model, tap_spec_for
 from transfer.tasks.transfer import TransferTask
 
 REPO = Path(__file__).resolve().parents[1]
-LOWRES = REPO / "configs/fashion_lowres"
 METHODS = ("ab", "ft", "fsp")
 INIT = {"ab": "init_epochs", "ft": "init_epochs", "fsp": "init_epochs"}  # each init phase's epochs option
 
@@ -305,34 +304,6 @@ def test_the_init_phase_trains_what_the_paper_pretrains(name):
 
 # -- end to end: cktf transfer from the fashion_lowres configs ---------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fashion(tmp_path_factory):
-    root = tmp_path_factory.mktemp("companions_c")
-    write_fashion_idx(root / "fashion", n_train=200, n_test=40)
-    code, out = invoke("train-teacher", "--config", str(REPO / "configs/fashion_split/teacher.yaml"),
-                       "--data.root", str(root / "fashion"), "--log.root", str(root / "runs"), "--log.name",
-                       "teacher", "--model.name", "resnet8", "--train.epochs", "1", "--train.batch_size", "32",
-                       "--log.tensorboard", "false")
-    assert code == 0, out
-    return root
-
-
-def runnable(config: Path, tmp: Path, **options) -> Path:
-    """The committed config with data options this branch's fashion_split knows (the lowres shift and the
-    shared classes come with another branch): source/target classes of the fixture's teacher."""
-    cfg = yaml.safe_load(config.read_text())
-    cfg["data"]["options"] = {"source_classes": [1, 5, 7, 8, 9], "target_classes": [0, 2, 3, 4, 6], **options}
-    path = tmp / config.name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def transfer(root: Path, config: Path, name: str, *extra: str) -> tuple[int, str]:
-    return invoke("transfer", "--config", str(config), "--teacher", str(root / "runs/teacher/best.safetensors"),
-                  "--data.root", str(root / "fashion"), "--log.root", str(root / "runs"), "--log.name", name,
-                  "--train.batch_size", "16", "--train.epochs", "1", "--sampler.num_negatives", "32",
-                  "--log.tensorboard", "false", *extra)
-
 
 def test_the_committed_configs_have_the_lowres_proxy_data_and_the_new_loss_form():
     for name in METHODS:
@@ -350,13 +321,13 @@ def test_the_committed_configs_have_the_lowres_proxy_data_and_the_new_loss_form(
 
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("combined", [False, True], ids=["alone", "cktf"])
-def test_transfer_runs_end_to_end_from_the_lowres_config(fashion, tmp_path, name, combined):
+def test_transfer_runs_end_to_end_from_the_lowres_config(lowres_fixture, name, combined):
     stem = f"cktf_{name}" if combined else name
-    config = runnable(LOWRES / f"{stem}.yaml", tmp_path)
-    code, out = transfer(fashion, config, stem, f"--loss.terms.{name}.{INIT[name]}", "1")
+    config = LOWRES / f"{stem}.yaml"
+    code, out = lowres_transfer(lowres_fixture, config, stem, f"--loss.terms.{name}.{INIT[name]}", "1")
     assert code == 0, out
     assert f"method {stem}" in out
-    ckpt = load_checkpoint(fashion / "runs" / stem / "last.safetensors")
+    ckpt = load_checkpoint(lowres_fixture / "runs" / stem / "last.safetensors")
     state, history = ckpt.state["task"], ckpt.state["history"][0]
     assert float(state[f"terms.{name}.init_loss"][0]) > 0  # the init phase ran (one epoch)
     assert any(k.startswith(f"train/{name}") for k in history), history
@@ -369,19 +340,20 @@ def test_transfer_runs_end_to_end_from_the_lowres_config(fashion, tmp_path, name
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_transfer_with_cross_entropy_on_a_labeled_split(fashion, tmp_path, name):
-    config = runnable(LOWRES / f"{name}.yaml", tmp_path, labels_per_class=10)
-    code, out = transfer(fashion, config, f"{name}_ce", f"--loss.terms.{name}.{INIT[name]}", "1",
-                         "--data.train_split", "target_train", "--loss.terms.ce.weight", "1")
+def test_transfer_with_cross_entropy_on_a_labeled_split(lowres_fixture, name):
+    config = LOWRES / f"{name}.yaml"
+    code, out = lowres_transfer(lowres_fixture, config, f"{name}_ce", f"--loss.terms.{name}.{INIT[name]}", "1",
+                                "--data.options.labels_per_class", "5", "--data.train_split", "target_train",
+                                "--loss.terms.ce.weight", "1")
     assert code == 0, out
-    history = load_checkpoint(fashion / "runs" / f"{name}_ce" / "last.safetensors").state["history"][0]
+    history = load_checkpoint(lowres_fixture / "runs" / f"{name}_ce" / "last.safetensors").state["history"][0]
     assert "train/ce_epoch" in history or "train/ce" in history, history
 
 
-def test_bad_term_options_on_the_command_line_stop_before_the_run(fashion, tmp_path):
-    config = runnable(LOWRES / "cktf_ab.yaml", tmp_path)
-    code, out = transfer(fashion, config, "bad_ab", "--loss.terms.ab.stages", "[7]")
+def test_bad_term_options_on_the_command_line_stop_before_the_run(lowres_fixture):
+    config = LOWRES / "cktf_ab.yaml"
+    code, out = lowres_transfer(lowres_fixture, config, "bad_ab", "--loss.terms.ab.stages", "[7]")
     one_line_error(code, out, "loss.terms.ab.stages", "stage 7 does not exist")
-    code, out = transfer(fashion, config, "bad_ab", "--loss.terms.ab.init_epoch", "1")
+    code, out = lowres_transfer(lowres_fixture, config, "bad_ab", "--loss.terms.ab.init_epoch", "1")
     one_line_error(code, out, "did you mean 'loss.terms.ab.init_epochs'")
-    assert not (fashion / "runs/bad_ab").exists()
+    assert not (lowres_fixture / "runs/bad_ab").exists()

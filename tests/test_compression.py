@@ -79,3 +79,47 @@ def test_labels_with_more_classes_than_the_teachers_classifier_are_one_line(tmp_
                        "--data.train_split", "target_train", "--data.options.labels_per_class", "2",
                        "--loss.terms.ce.weight", "1", "--log.root", str(tmp_path / "runs"))
     one_line_error(code, out, "loss.terms.ce", "teacher's 5", "10 classes")
+
+
+TABLE2_CIFAR = sorted(CIFAR.glob("cktf_*_resnet32x4_resnet8x4.yaml"))
+
+
+def test_every_table2_row_has_a_config_with_the_papers_number():
+    """Ten CKTF+X configs per Table 2 dataset, each building on its Table 1 row with the authors' 0.8/0.8 weights."""
+    from transfer.config import TransferConfig, load_config, read_config_tree
+
+    for folder, pair in (("cifar100", "resnet32x4_resnet8x4"), ("tinyimagenet", "vgg19_vgg8")):
+        rows = sorted((REPO / "configs" / folder).glob(f"cktf_*_{pair}.yaml"))
+        methods = {p.name.removeprefix("cktf_").removesuffix(f"_{pair}.yaml") for p in rows}
+        assert methods == {"fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "nst"}, folder
+        table1 = load_config(REPO / "configs" / folder / f"cktf_{pair}.yaml", TransferConfig)
+        for path, method in zip(rows, sorted(methods), strict=True):
+            text = path.read_text()
+            assert f"CKTF+{text.split('CKTF + ')[1].split(',')[0]} **" in text, path  # the paper's top-1, in bold
+            cfg = load_config(path, TransferConfig)
+            weights = {name: options["weight"] for name, options in cfg.loss.terms.items()}
+            assert {k: weights[k] for k in ("ce", "mckt", "pckt")} == {"ce": 1.0, "mckt": 0.8, "pckt": 0.8}, path
+            assert set(weights) == {"ce", "mckt", "pckt", method} and cfg.loss.method == f"cktf_{method}", path
+            assert (cfg.data, cfg.loss.nce, cfg.train.epochs, cfg.train.lr) == (
+                table1.data, table1.loss.nce, table1.train.epochs, table1.train.lr), path
+            assert read_config_tree(path)["log"]["name"] == f"{folder}_cktf_{method}_{pair}"
+
+
+@pytest.mark.parametrize("config", TABLE2_CIFAR, ids=lambda p: p.name.split("_")[1])
+def test_each_table2_cifar_row_trains_on_the_fixture(cifar, config):
+    method = config.name.split("_")[1]
+    quick_init = ["--loss.terms.ab.init_epochs", "1"] if method == "ab" else \
+        ["--loss.terms.ft.init_epochs", "1"] if method == "ft" else []
+    teacher = cifar / "runs/cifar100_resnet32x4_teacher/best.safetensors"
+    code, out = invoke("transfer", "--config", str(config), "--data.root", str(cifar / "data"), "--log.root",
+                       str(cifar / "runs"), "--teacher", str(teacher), "--sampler.num_negatives", "32", *SMALL,
+                       "--train.epochs", "1", *quick_init)
+    assert code == 0, out
+    run = cifar / f"runs/cifar100_cktf_{method}_resnet32x4_resnet8x4"
+    history = load_checkpoint(run / "last.safetensors").state["history"]
+    logged = {"train/ce_epoch", "train/mckt/stem_epoch", "train/mckt/stage3_epoch", "train/pckt_epoch", "test/acc"}
+    assert len(history) == 1 and set(history[0]) >= logged
+    assert any(key.startswith((f"train/{method}_", f"train/{method}/")) for key in history[0])
+    per_batch_mapping = "layer_mapping: smallest" in config.read_text()  # the mapped block is logged per stage
+    assert ("train/mapping/stage3_epoch" in history[0]) == per_batch_mapping
+    assert json.loads((run / "metrics.json").read_text())["method"] == f"cktf_{method}"

@@ -1,0 +1,108 @@
+"""The CPU evidence table of compression with labels (configs/fashion_labeled, benchmarks/compression_table.sh):
+the configs say what the docs say they do, and the script runs end to end on a Fashion-MNIST fixture."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.paired_table import render
+from tests.data_fixtures import write_fashion_idx
+from transfer.config import TeacherConfig, TransferConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+LABELED = REPO / "configs/fashion_labeled"
+LOWRES = REPO / "configs/fashion_lowres"
+COMPANIONS = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "nst", "fsp")
+
+
+def transfer(name: str) -> TransferConfig:
+    return load_config(LABELED / f"{name}.yaml", TransferConfig)
+
+
+def test_every_student_learns_from_the_labeled_teacher_on_its_data():
+    teacher = load_config(LABELED / "teacher.yaml", TeacherConfig)
+    assert teacher.model.name == "resnet14" and teacher.data.train_split == "source_train"
+    names = ["student", "kd", "crd", "cktf", *COMPANIONS, *(f"cktf_{x}" for x in COMPANIONS)]
+    assert sorted(p.stem for p in LABELED.glob("[!_]*.yaml")) == sorted([*names, "teacher"])
+    for name in names:
+        cfg = transfer(name)
+        assert cfg.data == teacher.data, name  # the same labeled images, holdout and test split
+        assert cfg.teacher.checkpoint == f"{teacher.log.root}/{teacher.log.name}/best.safetensors", name
+        assert (cfg.student.name, cfg.loss.method, cfg.log.name) == ("resnet8", name, f"fashion_labeled_{name}")
+
+
+def weights(cfg: TransferConfig) -> dict[str, float]:
+    return {name: options["weight"] for name, options in cfg.loss.terms.items()}
+
+
+def test_the_loss_weights_are_the_documented_ones():
+    assert weights(transfer("student")) == {"ce": 1.0}
+    assert weights(transfer("kd")) == {"ce": 0.1, "kd": 0.9}  # RepDistiller's -r 0.1 -a 0.9
+    assert weights(transfer("crd")) == {"ce": 1.0, "pckt": 0.8}  # -r 1 -b 0.8
+    cktf = transfer("cktf")
+    assert weights(cktf) == {"ce": 1.0, "mckt": 0.8, "pckt": 0.2}  # the paper's α1, α2
+    assert cktf.loss.nce == load_config(LOWRES / "cktf.yaml", TransferConfig).loss.nce
+    for x in COMPANIONS:
+        options = load_config(LOWRES / f"{x}.yaml", TransferConfig).loss.terms[x]
+        alone, combined = transfer(x), transfer(f"cktf_{x}")
+        if "init_epochs" in options:
+            options = {**options, "init_epochs": 1}
+        assert alone.loss.terms == {"ce": {"weight": 1.0}, x: options}, x
+        assert combined.loss.terms == {**cktf.loss.terms, x: options}, x  # θ = 1: X at its usual weight β
+        assert combined.loss.nce == cktf.loss.nce, x
+
+
+def test_the_paired_table_puts_each_method_next_to_cktf_plus_it():
+    header = ("method,n_seeds,seeds,final_acc_mean_pct,final_acc_std_pct,test_acc_at_best_mean_pct,"
+              "test_acc_at_best_std_pct")
+    rows = list(csv.DictReader([header, "student,3,0;1;2,80.0,0.5,79.0,0.25", "sp,1,0,81.5,,81.0,",
+                                "cktf_sp,1,0,83.0,,80.0,", "kd,1,0,82.0,,,"]))
+    teacher = {"model": "resnet14", "epochs": 12, "final": {"test/acc": 0.9}, "best": {"test/acc": 0.91}}
+    text = render(rows, teacher)
+    assert "| teacher (resnet14, 12 epochs) | 1 | 90.00 | 91.00 |" in text
+    assert "| student | 3 | 80.00 ± 0.50 | 79.00 ± 0.25 |" in text and "| kd | 1 | 82.00 | — |" in text
+    assert "| sp | 81.50 | 83.00 | +1.50 | 81.00 | 80.00 | -1.00 |" in text
+    assert "| sp | 1 |" not in text and "cktf_sp |" not in text
+
+
+def test_the_script_runs_end_to_end_on_a_fixture(tmp_path):
+    write_fashion_idx(tmp_path / "fashion", n_train=400, n_test=100)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "CKTF": str(bin_dir / "cktf"), "PYTHON": sys.executable, "SEEDS": "0 1",
+           "COMPANIONS": "sp", "PYTHONPATH": str(REPO)}
+    small = ["--data.root", str(tmp_path / "fashion"), "--train.epochs", "1", "--train.batch_size", "16",
+             "--sampler.num_negatives", "32"]
+    proc = subprocess.run(["bash", "benchmarks/compression_table.sh", str(tmp_path / "runs"), str(tmp_path / "out"),
+                           *small], cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = tmp_path / "runs"
+    teacher = json.loads((runs / "fashion_labeled_teacher/metrics.json").read_text())
+    assert teacher["epochs"] == 1  # the data/train overrides reached the teacher too
+    for name in ("student_s0", "student_s1", "kd_s1", "crd_s0", "cktf_s1", "sp_s0", "cktf_sp_s0"):
+        metrics = json.loads((runs / f"fashion_labeled_{name}/metrics.json").read_text())
+        assert 0.0 <= metrics["final_acc"] <= 1.0 and metrics["seed"] == int(name[-1]), name
+    assert not (runs / "fashion_labeled_sp_s1").exists()  # companions: seed 0 only
+    table = (tmp_path / "out/comparison.md").read_text()
+    for method, n in (("student", 2), ("kd", 2), ("crd", 2), ("cktf", 2), ("sp", 1), ("cktf_sp", 1)):
+        assert f"| {method} | " in table and f"({n}) |" in table.split(f"| {method} | ")[1].split("\n")[0], method
+    paired = (tmp_path / "out/paired.md").read_text()
+    assert "| teacher (resnet14, 1 epochs) |" in paired and "\n| sp | " in paired
+    assert paired == proc.stdout[-len(paired):]  # also printed
+
+    again = subprocess.run(["bash", "benchmarks/compression_table.sh", str(runs), str(tmp_path / "out"), *small],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0 and (tmp_path / "out/paired.md").read_text() == paired  # finished runs are kept
+
+
+def test_an_unknown_companion_fails_the_script_with_its_name(tmp_path):
+    env = {**os.environ, "CKTF": str(Path(sys.executable).parent / "cktf"), "PYTHON": sys.executable, "SEEDS": "",
+           "COMPANIONS": "nosuch", "PYTHONPATH": str(REPO)}
+    write_fashion_idx(tmp_path / "fashion", n_train=40, n_test=20)
+    proc = subprocess.run(["bash", "benchmarks/compression_table.sh", str(tmp_path / "runs"), str(tmp_path / "out"),
+                           "--data.root", str(tmp_path / "fashion"), "--train.epochs", "1", "--train.batch_size", "8"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "FAILED: nosuch seed 0" in proc.stderr
+    assert "nosuch.yaml" in proc.stderr and "Traceback" not in proc.stderr
