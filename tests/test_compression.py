@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_helpers import invoke, one_line_error
-from tests.data_fixtures import CodePayload, write_cifar
+from tests.data_fixtures import CodePayload, write_cifar, write_tinyimagenet
 from transfer.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,3 +123,37 @@ def test_each_table2_cifar_row_trains_on_the_fixture(cifar, config):
     per_batch_mapping = "layer_mapping: smallest" in config.read_text()  # the mapped block is logged per stage
     assert ("train/mapping/stage3_epoch" in history[0]) == per_batch_mapping
     assert json.loads((run / "metrics.json").read_text())["method"] == f"cktf_{method}"
+
+
+TINY = REPO / "configs/tinyimagenet"
+TINY_SMALL = ["--train.epochs", "1", "--train.batch_size", "8", "--train.eval_batch_size", "16", "--data.num_workers",
+              "0", "--data.val_fraction", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A Tiny-ImageNet fixture (3 classes, 8 train images each, 64 px) and a VGG-19 teacher trained one epoch on it."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_tinyimagenet(root / "data", n_train=8, n_val=2, n_test=1)
+    code, out = invoke("train-teacher", "--config", str(TINY / "teacher_vgg19.yaml"), "--data.root",
+                       str(root / "data"), "--log.root", str(root / "runs"), *TINY_SMALL)
+    assert code == 0, out
+    return root
+
+
+@pytest.mark.parametrize("config", [TINY / "cktf_vgg19_vgg8.yaml", *sorted(TINY.glob("cktf_*_vgg19_vgg8.yaml"))],
+                         ids=lambda p: p.stem.removesuffix("_vgg19_vgg8"))
+def test_each_tinyimagenet_vgg19_vgg8_row_trains_on_the_fixture(tiny, config):
+    method = config.stem.removesuffix("_vgg19_vgg8")
+    quick_init = {"cktf_ab": ["--loss.terms.ab.init_epochs", "1"], "cktf_ft": ["--loss.terms.ft.init_epochs", "1"]}
+    teacher = tiny / "runs/tinyimagenet_vgg19_teacher/best.safetensors"
+    code, out = invoke("transfer", "--config", str(config), "--data.root", str(tiny / "data"), "--log.root",
+                       str(tiny / "runs"), "--teacher", str(teacher), "--sampler.num_negatives", "8", *TINY_SMALL,
+                       *quick_init.get(method, []))
+    assert code == 0, out
+    run = tiny / f"runs/tinyimagenet_{method}_vgg19_vgg8"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == method and 0.0 <= metrics["final_acc"] <= 1.0
+    assert metrics["final_acc5"] is None  # 3 classes: no top-5
+    history = load_checkpoint(run / "last.safetensors").state["history"]
+    assert len(history) == 1 and {"train/ce_epoch", "train/mckt/stem_epoch", "train/pckt_epoch"} <= set(history[0])
