@@ -19,7 +19,8 @@ args=("$@")
 for (( i = 0; i + 1 < ${#args[@]}; i += 2 )); do
   case ${args[i]} in --data.*|--train.*|--log.*) teacher_args+=("${args[i]}" "${args[i + 1]}");; esac
 done
-EXTRA=$(printf '%q ' "$@")
+EXTRA=""
+[ $# -eq 0 ] || EXTRA=$(printf '%q ' "$@")
 CKTF=${CKTF:-cktf}
 PYTHON=${PYTHON:-python}
 CONFIGS=configs/fashion_labeled
