@@ -31,12 +31,17 @@ TEST_ACC_TAG = "probe/test_acc"
 TRANSFER_ACC_TAG = "test/acc"  # a transfer on a labeled split (γ > 0), evaluated on its test split every epoch
 CONVERGED_FRACTION = 0.95
 _MISSING = "—"
-# (key in metrics.json / summary rows, Markdown header); fractions are shown as percentages
+# (key in metrics.json / summary rows, Markdown header with {what} = probe or test); fractions shown as percentages
 _FRACTION_COLUMNS = (
-    ("final_acc", "final probe acc (%)"),
-    ("test_acc_at_best", "best-epoch probe acc (%)"),
+    ("final_acc", "final {what} acc (%)"),
+    ("test_acc_at_best", "best-epoch {what} acc (%)"),
     ("knn_acc", "kNN acc (%)"),
 )
+
+
+def _all_probes(runs: list[ProbeRun]) -> bool:
+    """Whether every run is a linear probe (else some are labeled transfers, tested with their own classifier)."""
+    return all(run.metrics.get("kind") != "transfer" for run in runs)
 
 
 @dataclass
@@ -249,9 +254,11 @@ def write_report(runs: list[ProbeRun], out: str | Path, title: str | None = None
         raise CKTFError("cktf compare: no run given; pass one or more run directories (runs/<name>)")
     out = Path(out)
     _check_out(out)
-    title = title or "Linear-probe comparison"
+    probes = _all_probes(runs)
+    title = title or ("Linear-probe comparison" if probes else "Test accuracy of the students")
     rows = summarise(runs)
-    contents = {"png": _plot(rows, title), "md": _markdown(rows, runs, title).encode(), "csv": _csv(rows).encode()}
+    contents = {"png": _plot(rows, title, probes), "md": _markdown(rows, runs, title, probes).encode(),
+                "csv": _csv(rows).encode()}
     paths = {"png": out / PNG_NAME, "md": out / MD_NAME, "csv": out / CSV_NAME}
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -318,8 +325,9 @@ def _with_count(text: str, stat: dict[str, Any] | None, n: int) -> str:
     return text if stat is None or stat["n"] == n else f"{text} ({stat['n']} of {n} runs)"
 
 
-def _markdown(rows: list[dict[str, Any]], runs: list[ProbeRun], title: str) -> str:
-    header = ["method", "seeds (n)", *(name for _, name in _FRACTION_COLUMNS),
+def _markdown(rows: list[dict[str, Any]], runs: list[ProbeRun], title: str, probes: bool = True) -> str:
+    what = "probe" if probes else "test"
+    header = ["method", "seeds (n)", *(name.format(what=what) for _, name in _FRACTION_COLUMNS),
               f"epochs to {CONVERGED_FRACTION:.0%} of final", "transfer wall time"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
@@ -345,7 +353,7 @@ def _markdown(rows: list[dict[str, Any]], runs: list[ProbeRun], title: str) -> s
     lines += ["Runs:", ""]
     for run in runs:
         seed = "" if run.seed is None else f", seed {run.seed}"
-        lines.append(f"- {run.method}{seed}: `{run.path}` ({len(run.curve)} probe epochs)")
+        lines.append(f"- {run.method}{seed}: `{run.path}` ({len(run.curve)} {'probe epochs' if probes else 'epochs'})")
     return "\n".join(lines) + "\n"
 
 
@@ -372,7 +380,7 @@ def _mean_std(stat: dict[str, Any] | None, scale: float) -> list[Any]:
     return [round(stat["mean"] * scale, 4), "" if stat["std"] is None else round(stat["std"] * scale, 4)]
 
 
-def _plot(rows: list[dict[str, Any]], title: str) -> bytes:
+def _plot(rows: list[dict[str, Any]], title: str, probes: bool = True) -> bytes:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -393,8 +401,8 @@ def _plot(rows: list[dict[str, Any]], title: str) -> bytes:
             std = [100 * v for v in row["curve_std"]]
             ax.fill_between(epochs, [m - s for m, s in zip(mean, std, strict=True)],
                             [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("probe epoch")
-    ax.set_ylabel("probe test accuracy (%)")
+    ax.set_xlabel("probe epoch" if probes else "epoch")
+    ax.set_ylabel("probe test accuracy (%)" if probes else "test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best")

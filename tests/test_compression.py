@@ -52,6 +52,7 @@ def test_the_table1_config_trains_and_evaluates_the_student_every_epoch(cifar):
     assert code == 0, out
     table = (cifar / "report/comparison.md").read_text()
     assert "| cktf |" in table and f"{100 * metrics['final_acc']:.2f}" in table
+    assert "| final test acc (%) | best-epoch test acc (%) |" in table and "probe" not in table  # not a probe
 
 
 def test_a_pickle_carrying_code_stops_the_run_before_anything_runs(cifar, tmp_path):
