@@ -19,6 +19,7 @@ import io
 import json
 import math
 import statistics
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -384,11 +385,13 @@ def _plot(rows: list[dict[str, Any]], title: str, probes: bool = True) -> bytes:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise CKTFError("cktf compare needs matplotlib to draw convergence.png; "
                         "install it with `pip install 'matplotlib>=3.7'`") from None
     # A bare Figure on an Agg canvas: no pyplot, so no global backend or figure state is touched.
-    fig = Figure(figsize=(7, 4.5))
+    many = len(rows) > 8  # the legend goes beside the axes instead of over the curves
+    fig = Figure(figsize=(9.5 if many else 7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for i, row in enumerate(rows):
@@ -403,10 +406,14 @@ def _plot(rows: list[dict[str, Any]], title: str, probes: bool = True) -> bytes:
                             [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.2)
     ax.set_xlabel("probe epoch" if probes else "epoch")
     ax.set_ylabel("probe test accuracy (%)" if probes else "test accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best")
-    fig.tight_layout()
+    if many:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", ncol=1 + len(rows) // 19)
+    else:
+        ax.legend(loc="best")
+        fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150)
+    fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight" if many else None)
     return buffer.getvalue()

@@ -90,6 +90,13 @@ def test_report_files(report):
     assert struct.unpack(">II", png[16:24]) == (1050, 675)  # 7 x 4.5 inches at 150 dpi
 
 
+def test_many_methods_get_their_legend_beside_the_plot(tmp_path):
+    paths = [_probe(tmp_path / f"m{i}", f"method_{i}", 0, [0.5, 0.6 + i / 100]) for i in range(9)]
+    png = compare(paths, tmp_path / "out")["png"].read_bytes()
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > 1050 and height >= 600  # the axes keep their size, the legend adds to the width
+
+
 def test_markdown_table_means_and_stds(report):
     paths, files, _ = report
     md = files["md"].read_text()
