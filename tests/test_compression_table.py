@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.paired_table import render
 from tests.data_fixtures import write_fashion_idx
+from tests.lowres_runs import lowres_transfer
 from transfer.config import TeacherConfig, TransferConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +56,17 @@ def test_the_loss_weights_are_the_documented_ones():
         assert alone.loss.terms == {"ce": {"weight": 1.0}, x: options}, x
         assert combined.loss.terms == {**cktf.loss.terms, x: options}, x  # θ = 1: X at its usual weight β
         assert combined.loss.nce == cktf.loss.nce, x
+
+
+@pytest.mark.parametrize("name", COMPANIONS)
+def test_each_cktf_x_config_trains_and_tests_the_student(lowres_fixture, name):
+    """Every configs/fashion_labeled/cktf_X.yaml, as committed, on the fixture (the teacher there is a resnet8)."""
+    run = f"labeled_cktf_{name}"
+    code, out = lowres_transfer(lowres_fixture, LABELED / f"cktf_{name}.yaml", run)
+    assert code == 0, out
+    metrics = json.loads((lowres_fixture / "runs" / run / "metrics.json").read_text())
+    assert metrics["method"] == f"cktf_{name}" and 0.0 <= metrics["final_acc"] <= metrics["final_acc5"] <= 1.0
+    assert metrics["best_epoch"] == 1
 
 
 def test_the_paired_table_puts_each_method_next_to_cktf_plus_it():
