@@ -1,5 +1,5 @@
 """A teacher trained as configs/fashion_lowres/teacher.yaml trains it, on a tiny Fashion-MNIST fixture, and quick
-`cktf transfer` runs from that folder's committed configs: what the companion-method tests share."""
+`cktf transfer` runs from that folder's committed configs: what the companion-method and term plug-in tests share."""
 
 from pathlib import Path
 

@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 
 from tests.cli_helpers import invoke, one_line_error
-from tests.data_fixtures import write_fashion_idx
+from tests.lowres_runs import LOWRES, lowres_transfer
 from transfer.config import LossConfig, NCEConfig, TransferConfig, load_config, option, read_config_tree
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.engine.frozen import Frozen
@@ -41,7 +41,7 @@ from transfer.losses.terms import (
 from transfer.models import FeatureTaps, build_model, tap_spec_for
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs/fashion_split"
+CONFIGS = LOWRES
 
 
 # -- the toy method: everything it is, in this one block ------------------------------------------------------
@@ -87,24 +87,6 @@ def l2_term():
 
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fashion(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plugins")
-    write_fashion_idx(root / "fashion", n_train=200, n_test=40)
-    code, out = invoke("train-teacher", "--config", str(CONFIGS / "teacher.yaml"), "--data.root",
-                       str(root / "fashion"), "--log.root", str(root / "runs"), "--log.name", "teacher",
-                       "--model.name", "resnet8", "--train.epochs", "1", "--train.batch_size", "32",
-                       "--log.tensorboard", "false")
-    assert code == 0, out
-    return root
-
-
-def transfer(root: Path, config: Path, name: str, *extra: str) -> tuple[int, str]:
-    return invoke("transfer", "--config", str(config), "--teacher", str(root / "runs/teacher/best.safetensors"),
-                  "--data.root", str(root / "fashion"), "--log.root", str(root / "runs"), "--log.name", name,
-                  "--train.batch_size", "16", "--train.epochs", "1", "--sampler.num_negatives", "32",
-                  "--log.tensorboard", "false", *extra)
-
 
 def yaml_with_loss(tmp_path: Path, loss: dict, base: str = "crd.yaml") -> Path:
     cfg = yaml.safe_load((CONFIGS / base).read_text())
@@ -114,13 +96,13 @@ def yaml_with_loss(tmp_path: Path, loss: dict, base: str = "crd.yaml") -> Path:
     return path
 
 
-def test_a_term_registered_in_a_test_runs_a_transfer_from_its_yaml(fashion, tmp_path, l2_term):
+def test_a_term_registered_in_a_test_runs_a_transfer_from_its_yaml(lowres_fixture, tmp_path, l2_term):
     config = yaml_with_loss(tmp_path, {"method": "l2_hint", "terms": {"l2": {"weight": 0.5, "normalize": False,
                                                                             "scale": 2.0}}})
-    code, out = transfer(fashion, config, "l2")
+    code, out = lowres_transfer(lowres_fixture, config, "l2")
     assert code == 0, out
     assert "method l2_hint" in out
-    run = fashion / "runs/l2"
+    run = lowres_fixture / "runs/l2"
     ckpt = load_checkpoint(run / "last.safetensors")
     state = ckpt.state["task"]
     assert {"terms.l2.regressor.weight", "terms.l2.regressor.bias"} <= set(state)
@@ -132,23 +114,24 @@ def test_a_term_registered_in_a_test_runs_a_transfer_from_its_yaml(fashion, tmp_
     assert ckpt.metadata["method"] == "l2_hint" and ckpt.metadata["terms"] == '{"l2": 0.5}'
 
     # --resume continues from the checkpoint: the init phase is not run again
-    code, out = transfer(fashion, config, "l2", "--train.epochs", "2", "--resume", "--allow-change", "train.epochs")
+    code, out = lowres_transfer(lowres_fixture, config, "l2", "--train.epochs", "2", "--resume", "--allow-change",
+                                "train.epochs")
     assert code == 0, out
     resumed = load_checkpoint(run / "last.safetensors").state
     assert len(resumed["history"]) == 2 and int(resumed["task"]["terms.l2.seen"]) == 100
 
     # an option given on the command line is validated against the toy term's own dataclass
-    code, out = transfer(fashion, config, "l2_bad", "--loss.terms.l2.scal", "3")
+    code, out = lowres_transfer(lowres_fixture, config, "l2_bad", "--loss.terms.l2.scal", "3")
     one_line_error(code, out, "loss.terms.l2.scal", "did you mean 'loss.terms.l2.scale'")
     code, out = invoke("methods")
     assert code == 0 and "l2: Mean squared distance" in out and "--loss.terms.l2.normalize" in out
     assert "toy term of tests/test_term_plugins.py" in out
 
 
-def test_a_term_needing_labels_on_an_unlabeled_split_is_one_line(fashion):
-    code, out = transfer(fashion, CONFIGS / "crd.yaml", "ce_unlabeled", "--loss.terms.ce.weight", "1")
+def test_a_term_needing_labels_on_an_unlabeled_split_is_one_line(lowres_fixture):
+    code, out = lowres_transfer(lowres_fixture, CONFIGS / "crd.yaml", "ce_unlabeled", "--loss.terms.ce.weight", "1")
     one_line_error(code, out, "loss.terms.ce needs labels", "target_unlabeled")
-    assert not (fashion / "runs/ce_unlabeled").exists()
+    assert not (lowres_fixture / "runs/ce_unlabeled").exists()
 
 
 @pytest.mark.parametrize("extra,needles", [
@@ -163,10 +146,10 @@ def test_a_term_needing_labels_on_an_unlabeled_split_is_one_line(fashion):
     (["--loss.terms.kd", "1"], ["loss.terms.kd", "mapping"]),
     (["--loss.nce.temprature", "0.1"], ["did you mean 'loss.nce.temperature'"]),
 ])
-def test_bad_terms_and_options_are_one_line_before_the_run_starts(fashion, extra, needles):
-    code, out = transfer(fashion, CONFIGS / "crd.yaml", "bad", *extra)
+def test_bad_terms_and_options_are_one_line_before_the_run_starts(lowres_fixture, extra, needles):
+    code, out = lowres_transfer(lowres_fixture, CONFIGS / "crd.yaml", "bad", *extra)
     one_line_error(code, out, *needles)
-    assert not (fashion / "runs/bad").exists()
+    assert not (lowres_fixture / "runs/bad").exists()
 
 
 @pytest.mark.parametrize("old,new,example", [
