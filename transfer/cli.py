@@ -156,7 +156,8 @@ def cli(ctx: click.Context) -> None:
 
 
 _CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-                       help="YAML config file (see configs/).")
+                       help="YAML config file (see configs/); it may build on others with `base: FILE` "
+                            "or `base: [FILE, ...]`.")
 
 
 def run_options(where: str):
