@@ -7,10 +7,18 @@
 # Transfer + linear probe each, as the study does (configs/fashion_lowres/probe.yaml), two workers of one thread.
 # The teacher and both end points (crd, crd_reference, same seeds) come from benchmarks/proxy_study.sh's RUNS_DIR.
 #
-#   bash benchmarks/collapse_ablation.sh [RUNS_DIR [OUT_DIR]]      (SEEDS="0 1" by default)
+#   bash benchmarks/collapse_ablation.sh [RUNS_DIR [OUT_DIR [--section.key VALUE ...]]]   (SEEDS="0 1" by default)
+# Further --section.key VALUE pairs go to every transfer, those of the data/train/log sections to the probes too.
 set -euo pipefail
 RUNS=${1:-runs/study}
 OUT=${2:-docs/fashion_lowres_study/collapse_ablation}
+shift $(( $# < 2 ? $# : 2 ))
+PROBE_EXTRA="" EXTRA=""
+args=("$@")
+for (( i = 0; i + 1 < ${#args[@]}; i += 2 )); do
+  case ${args[i]} in --data.*|--train.*|--log.*) PROBE_EXTRA+=$(printf '%q %q ' "${args[i]}" "${args[i + 1]}");; esac
+done
+[ $# -eq 0 ] || EXTRA=$(printf '%q ' "$@")
 CKTF=${CKTF:-cktf}
 SEEDS=${SEEDS-0 1}
 teacher=$RUNS/fashion_lowres_teacher/best.safetensors
@@ -22,16 +30,17 @@ done
 run_one() {  # NAME BASE_CONFIG SEED OVERRIDE...
   local name=$1 config=$2 seed=$3 start=$SECONDS
   shift 3
+  eval "local extra=($EXTRA) probe_extra=($PROBE_EXTRA)"
   "$CKTF" transfer --config "configs/fashion_lowres/$config.yaml" --teacher "$teacher" --log.root "$RUNS" \
     --log.name "fashion_lowres_${name}_s$seed" --loss.method "$name" --train.seed "$seed" --train.threads 1 \
-    --resume -q "$@" || { echo "FAILED: $name seed $seed" >&2; return 255; }
+    --resume -q "$@" "${extra[@]}" || { echo "FAILED: $name seed $seed" >&2; return 255; }
   "$CKTF" probe --config configs/fashion_lowres/probe.yaml \
     --student "$RUNS/fashion_lowres_${name}_s$seed/last.safetensors" --train.seed "$seed" --train.threads 1 \
-    --resume -q || { echo "FAILED: probe of $name seed $seed" >&2; return 255; }
+    --resume -q "${probe_extra[@]}" || { echo "FAILED: probe of $name seed $seed" >&2; return 255; }
   echo "$name seed $seed: $(( SECONDS - start )) s"
 }
 export -f run_one
-export CKTF RUNS teacher
+export CKTF RUNS teacher EXTRA PROBE_EXTRA
 
 jobs=()
 for seed in $SEEDS; do
