@@ -17,14 +17,19 @@ SMALL = ["--train.epochs", "2", "--train.batch_size", "16", "--train.eval_batch_
          "0", "--data.val_fraction", "0.25"]
 
 
+def train_teacher(root: Path, config: Path, small: list[str]) -> Path:
+    """Train ``config``'s teacher on the fixture in ``root/data`` into ``root/runs``; returns ``root``."""
+    code, out = invoke("train-teacher", "--config", str(config), "--data.root", str(root / "data"), "--log.root",
+                       str(root / "runs"), *small)
+    assert code == 0, out
+    return root
+
+
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
     write_cifar(root / "data", "cifar100", n_train=96, n_test=32)
-    code, out = invoke("train-teacher", "--config", str(CIFAR / "teacher_resnet32x4.yaml"), "--data.root",
-                       str(root / "data"), "--log.root", str(root / "runs"), *SMALL[:2], *SMALL[2:])
-    assert code == 0, out
-    return root
+    return train_teacher(root, CIFAR / "teacher_resnet32x4.yaml", SMALL)
 
 
 def compress(root: Path, *extra: str) -> tuple[int, str]:
@@ -83,6 +88,9 @@ def test_labels_with_more_classes_than_the_teachers_classifier_are_one_line(tmp_
 
 
 TABLE2_CIFAR = sorted(CIFAR.glob("cktf_*_resnet32x4_resnet8x4.yaml"))
+# FT's paraphraser pre-training at the rows' init_lr 0.01 sits at the edge of divergence on these few random images
+# (it once ended in nan inside the full suite, never alone): one epoch at a tenth of it
+QUICK_FT = ["--loss.terms.ft.init_epochs", "1", "--loss.terms.ft.init_lr", "0.001"]
 
 
 def test_every_table2_row_has_a_config_with_the_papers_number():
@@ -109,8 +117,7 @@ def test_every_table2_row_has_a_config_with_the_papers_number():
 @pytest.mark.parametrize("config", TABLE2_CIFAR, ids=lambda p: p.name.split("_")[1])
 def test_each_table2_cifar_row_trains_on_the_fixture(cifar, config):
     method = config.name.split("_")[1]
-    quick_init = ["--loss.terms.ab.init_epochs", "1"] if method == "ab" else \
-        ["--loss.terms.ft.init_epochs", "1"] if method == "ft" else []
+    quick_init = ["--loss.terms.ab.init_epochs", "1"] if method == "ab" else QUICK_FT if method == "ft" else []
     teacher = cifar / "runs/cifar100_resnet32x4_teacher/best.safetensors"
     code, out = invoke("transfer", "--config", str(config), "--data.root", str(cifar / "data"), "--log.root",
                        str(cifar / "runs"), "--teacher", str(teacher), "--sampler.num_negatives", "32", *SMALL,
@@ -136,17 +143,14 @@ def tiny(tmp_path_factory) -> Path:
     """A Tiny-ImageNet fixture (3 classes, 8 train images each, 64 px) and a VGG-19 teacher trained one epoch on it."""
     root = tmp_path_factory.mktemp("tiny")
     write_tinyimagenet(root / "data", n_train=8, n_val=2, n_test=1)
-    code, out = invoke("train-teacher", "--config", str(TINY / "teacher_vgg19.yaml"), "--data.root",
-                       str(root / "data"), "--log.root", str(root / "runs"), *TINY_SMALL)
-    assert code == 0, out
-    return root
+    return train_teacher(root, TINY / "teacher_vgg19.yaml", TINY_SMALL)
 
 
 @pytest.mark.parametrize("config", [TINY / "cktf_vgg19_vgg8.yaml", *sorted(TINY.glob("cktf_*_vgg19_vgg8.yaml"))],
                          ids=lambda p: p.stem.removesuffix("_vgg19_vgg8"))
 def test_each_tinyimagenet_vgg19_vgg8_row_trains_on_the_fixture(tiny, config):
     method = config.stem.removesuffix("_vgg19_vgg8")
-    quick_init = {"cktf_ab": ["--loss.terms.ab.init_epochs", "1"], "cktf_ft": ["--loss.terms.ft.init_epochs", "1"]}
+    quick_init = {"cktf_ab": ["--loss.terms.ab.init_epochs", "1"], "cktf_ft": QUICK_FT}
     teacher = tiny / "runs/tinyimagenet_vgg19_teacher/best.safetensors"
     code, out = invoke("transfer", "--config", str(config), "--data.root", str(tiny / "data"), "--log.root",
                        str(tiny / "runs"), "--teacher", str(teacher), "--sampler.num_negatives", "8", *TINY_SMALL,
