@@ -45,7 +45,12 @@ class CKTFGroup(click.Group):
 
         main = env_rank() == 0
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if launched():
+                from transfer.engine import distributed
+
+                distributed.barrier()  # leave together: a rank still writing files must not see the others gone
+            return result
         except CKTFError as err:
             if ctx.meta.get("cktf.debug"):
                 raise
