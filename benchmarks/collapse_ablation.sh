@@ -13,12 +13,7 @@ set -euo pipefail
 RUNS=${1:-runs/study}
 OUT=${2:-docs/fashion_lowres_study/collapse_ablation}
 shift $(( $# < 2 ? $# : 2 ))
-PROBE_EXTRA="" EXTRA=""
-args=("$@")
-for (( i = 0; i + 1 < ${#args[@]}; i += 2 )); do
-  case ${args[i]} in --data.*|--train.*|--log.*) PROBE_EXTRA+=$(printf '%q %q ' "${args[i]}" "${args[i + 1]}");; esac
-done
-[ $# -eq 0 ] || EXTRA=$(printf '%q ' "$@")
+source "$(dirname "$0")/study_args.sh"
 CKTF=${CKTF:-cktf}
 SEEDS=${SEEDS-0 1}
 teacher=$RUNS/fashion_lowres_teacher/best.safetensors
@@ -30,7 +25,7 @@ done
 run_one() {  # NAME BASE_CONFIG SEED OVERRIDE...
   local name=$1 config=$2 seed=$3 start=$SECONDS
   shift 3
-  eval "local extra=($EXTRA) probe_extra=($PROBE_EXTRA)"
+  eval "local extra=($EXTRA) probe_extra=($COMMON_EXTRA)"
   "$CKTF" transfer --config "configs/fashion_lowres/$config.yaml" --teacher "$teacher" --log.root "$RUNS" \
     --log.name "fashion_lowres_${name}_s$seed" --loss.method "$name" --train.seed "$seed" --train.threads 1 \
     --resume -q "$@" "${extra[@]}" || { echo "FAILED: $name seed $seed" >&2; return 255; }
@@ -40,7 +35,7 @@ run_one() {  # NAME BASE_CONFIG SEED OVERRIDE...
   echo "$name seed $seed: $(( SECONDS - start )) s"
 }
 export -f run_one
-export CKTF RUNS teacher EXTRA PROBE_EXTRA
+export CKTF RUNS teacher EXTRA COMMON_EXTRA
 
 jobs=()
 for seed in $SEEDS; do

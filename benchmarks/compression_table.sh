@@ -14,13 +14,8 @@ set -euo pipefail
 RUNS=${1:-runs/fashion_labeled}
 OUT=${2:-docs/fashion_labeled}
 shift $(( $# < 2 ? $# : 2 ))
-teacher_args=()
-args=("$@")
-for (( i = 0; i + 1 < ${#args[@]}; i += 2 )); do
-  case ${args[i]} in --data.*|--train.*|--log.*) teacher_args+=("${args[i]}" "${args[i + 1]}");; esac
-done
-EXTRA=""
-[ $# -eq 0 ] || EXTRA=$(printf '%q ' "$@")
+source "$(dirname "$0")/study_args.sh"
+eval "teacher_args=($COMMON_EXTRA)"
 CKTF=${CKTF:-cktf}
 PYTHON=${PYTHON:-python}
 CONFIGS=configs/fashion_labeled
