@@ -9,7 +9,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 FAISS ?= cpu
 RUNS ?= runs
 
-.PHONY: setup test demo lint clean-runs
+.PHONY: setup test demo lint fuzz clean-runs
 
 setup: $(VENV)/.installed fashion-data
 
@@ -33,6 +33,12 @@ fashion-data:
 
 test: setup
 	$(BIN)/pytest -q
+
+# The fuzz tests with many random examples (the hypothesis profile 'fuzz': 5000 per test instead of CI's 150
+# fixed ones). Run it after changing the config loader or the command line; pin each failure with @example.
+fuzz: setup
+	CKTF_HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q -p no:cacheprovider tests/test_config_fuzz.py \
+		--hypothesis-show-statistics
 
 lint: setup
 	$(BIN)/ruff check transfer linear_probe tests benchmarks

@@ -1,7 +1,28 @@
-"""Shared test setup: tests use tiny tensors, for which one torch thread is faster than two."""
+"""Shared test setup: tests use tiny tensors, for which one torch thread is faster than two; hypothesis
+profiles (see :func:`hypothesis_profile`)."""
+
+import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# ci: the same examples on every run of a commit (seeded from each test, no example database), so CI's verdict
+# cannot flip; dev: new random examples on every run, failures replayed from .hypothesis/; fuzz: `make fuzz`.
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow], "print_blob": True}
+settings.register_profile("ci", derandomize=True, database=None, max_examples=150, **_COMMON)
+settings.register_profile("dev", max_examples=150, **_COMMON)
+settings.register_profile("fuzz", max_examples=5000, **_COMMON)
+
+
+def hypothesis_profile(env: dict) -> str:
+    """The profile for an environment: ``CKTF_HYPOTHESIS_PROFILE`` if set, else ``ci`` under CI, else ``dev``."""
+    if env.get("CKTF_HYPOTHESIS_PROFILE"):
+        return env["CKTF_HYPOTHESIS_PROFILE"]
+    return "ci" if env.get("CI", "").lower() in ("true", "1", "yes") else "dev"
+
+
+settings.load_profile(hypothesis_profile(dict(os.environ)))
 
 
 @pytest.fixture(autouse=True)

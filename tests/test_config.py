@@ -206,3 +206,55 @@ def test_a_list_of_bases_merges_in_order(tmp_path):
     (tmp_path / "ab.yaml").write_text("base: [a.yaml, b.yaml]\nlog: {name: ab}\n")
     cfg = load_config(tmp_path / "ab.yaml", TeacherConfig)
     assert (cfg.train.epochs, cfg.train.lr, cfg.data.options, cfg.log.name) == (7, 0.1, {"x": 1}, "ab")
+
+
+NON_NAME_KEYS = [("?", "'?' with no name after it"), ("? [a, b]: 1", "'[a, b]: 1'"), ("1: 2", "'1'"),
+                 ("null: 1", "'null'"), ("true: 1", "'true'"), ("~: 1", "'~'"), ("1.5: x", "'1.5'"),
+                 ("2020-01-01: 1", "'2020-01-01'"), ("[a]: 1", "'[a]'"),
+                 ("train:\n  ? [a]\n  : 1\n", "'[a]' at line 2 under 'train'"),
+                 ("loss:\n  terms:\n    kd: {1: 2}\n", "'1' at line 3 under 'loss.terms.kd'"),
+                 ("data:\n  options:\n    - {null: 1}\n", "'null' at line 3 under 'data.options'")]
+
+
+@pytest.mark.parametrize("text,shown", NON_NAME_KEYS)
+@pytest.mark.parametrize("via_base", [False, True])
+def test_a_key_that_is_not_a_name_is_one_line_naming_it(tmp_path, text, shown, via_base):
+    (tmp_path / "bad.yaml").write_text(text)
+    path = tmp_path / "bad.yaml"
+    if via_base:
+        path = tmp_path / "leaf.yaml"
+        path.write_text("base: bad.yaml\nlog: {name: x}\n")
+    msg = error_of(lambda: load_config(path, TeacherConfig))
+    assert "bad.yaml" in msg and f"key {shown}" in msg and "is not a name" in msg
+
+
+def test_a_quoted_key_is_a_name(tmp_path):
+    (tmp_path / "c.yaml").write_text("'1': 2\n")
+    assert "unknown config key '1'" in error_of(lambda: load_config(tmp_path / "c.yaml", TeacherConfig))
+    cfg = load_config(write(tmp_path, BASE), TeacherConfig, ["--data.options", "{'1': 2}"])
+    assert cfg.data.options == {"1": 2}
+
+
+@pytest.mark.parametrize("value,shown", [("{1: 2}", "'1'"), ("{null: 1}", "'null'"), ("[{true: 1}]", "'true'"),
+                                         ("{a: {2: 3}}", "'2'")])
+def test_a_command_line_value_with_a_key_that_is_not_a_name(value, shown):
+    msg = error_of(lambda: load_config(None, TeacherConfig, ["--data.options", value]))
+    assert "--data.options on the command line" in msg and f"key {shown}" in msg
+
+
+def test_resume_with_a_saved_config_whose_keys_are_not_names_is_one_line(tmp_path):
+    from transfer.engine.rundir import RunDir
+    from transfer.stages.common import write_run_config
+
+    cfg = load_config(write(tmp_path, BASE), TeacherConfig)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.config.write_text("train: {epochs: 2}\n? [x]\n")
+    msg = error_of(lambda: write_run_config(run, cfg, resume=True))
+    assert str(run.config) in msg and "key '[x]'" in msg
+
+
+def test_an_error_quoting_a_line_break_stays_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_text('"tra\\nin": {epochs: 1}\n')
+    msg = error_of(lambda: load_config(tmp_path / "c.yaml", TeacherConfig))
+    assert "unknown config key 'tra\\nin'" in msg

@@ -18,7 +18,7 @@ import sys
 import click
 
 from transfer import __version__
-from transfer.config import TeacherConfig, TransferConfig, describe_options, load_config
+from transfer.config import TeacherConfig, TransferConfig, describe_options, first_non_name_key, load_config
 from transfer.errors import CKTFError, RunInterrupted
 
 OVERRIDABLE = {"ignore_unknown_options": True, "allow_extra_args": False, "help_option_names": ["-h", "--help"]}
@@ -265,6 +265,9 @@ def _mapping(ctx: click.Context, param: click.Parameter, value: str | None) -> d
         loaded = yaml.safe_load(value)
     except yaml.YAMLError:
         loaded = None
+    if isinstance(loaded, dict) and first_non_name_key(loaded) is not None:
+        raise click.BadParameter(f"key '{first_non_name_key(loaded)}' is not a name; expected names such as stem, "
+                                 "stages, penultimate, logits")
     if not isinstance(loaded, dict):
         raise click.BadParameter(f"expected a mapping such as '{{stem: maxpool, stages: [layer1, layer2], "
                                  f"penultimate: flatten, logits: fc}}', got {value!r}")

@@ -7,8 +7,20 @@ any other exception is a bug and keeps its traceback.
 """
 
 
+def printable(text: object) -> str:
+    """``text`` on one line: line breaks and other control characters escaped (``\\n``), letters kept."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 class CKTFError(Exception):
-    """An error caused by the user's input, reported as one line without a traceback."""
+    """An error caused by the user's input, reported as one line without a traceback.
+
+    The message is kept on one line whatever it quotes (a config key or a file name with a line break in it
+    is shown escaped).
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(printable(message))
 
 
 class RunInterrupted(Exception):

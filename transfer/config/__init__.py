@@ -6,10 +6,12 @@ from transfer.config.loader import (
     config_to_dict,
     describe_options,
     dump_config,
+    first_non_name_key,
     load_config,
     option,
     parse_overrides,
     read_config_tree,
+    read_yaml_mapping,
 )
 from transfer.config.schema import (
     DataConfig,
@@ -27,7 +29,6 @@ from transfer.config.schema import (
 __all__ = [
     "DataConfig", "LogConfig", "LossConfig", "ModelConfig", "NCEConfig", "SamplerConfig", "TeacherConfig",
     "TeacherRefConfig", "TrainConfig", "TransferConfig",
-    "build_section", "config_from_dict", "config_to_dict", "describe_options", "dump_config", "load_config",
-    "option",
-    "parse_overrides", "read_config_tree",
+    "build_section", "config_from_dict", "config_to_dict", "describe_options", "dump_config", "first_non_name_key",
+    "load_config", "option", "parse_overrides", "read_config_tree", "read_yaml_mapping",
 ]

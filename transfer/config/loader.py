@@ -109,7 +109,7 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 def suggest(name: str, choices: list[str], prefix: str) -> str:
     """The tail of an "unknown key" message: the closest of ``choices``, or all of them (each ``prefix + choice``)."""
-    close = difflib.get_close_matches(name, choices, n=1)
+    close = difflib.get_close_matches(str(name), choices, n=1)
     if close:
         return f"; did you mean '{prefix}{close[0]}'?"
     return f"; valid keys: {', '.join(prefix + c for c in choices)}"
@@ -265,7 +265,12 @@ def apply_overrides(values: dict[str, Any], schema: type, overrides: list[tuple[
             if not isinstance(child, dict):
                 raise CKTFError(f"cannot set '--{key}': '{part}' is not a section")
             node = child
-        node[parts[-1]] = _parse_raw(raw, tp)
+        value = _parse_raw(raw, tp)
+        bad = first_non_name_key(value)
+        if bad is not None:
+            raise CKTFError(f"option --{key} on the command line: key '{bad}' in {raw!r} is not a name; "
+                            "config keys are names like epochs (quote a key to make it one)")
+        node[parts[-1]] = value
         for i in range(1, len(parts) + 1):
             source.setdefault(".".join(parts[:i]), "on the command line")
         source[key] = "on the command line"
@@ -297,7 +302,8 @@ def read_config_tree(path: str | Path, source: dict[str, str] | None = None) -> 
     return _read_tree(Path(path), [], source, "option --config")
 
 
-def _read_yaml(p: Path, how: str) -> dict[str, Any]:
+def read_yaml_mapping(p: Path, how: str) -> dict[str, Any]:
+    """The mapping in the YAML file ``p``, every key a name, or one line naming ``p`` (``how``: why it is read)."""
     if not p.is_file():
         raise CKTFError(f"config file {p} does not exist ({how})")
     try:
@@ -308,6 +314,7 @@ def _read_yaml(p: Path, how: str) -> dict[str, Any]:
     except OSError as err:
         raise CKTFError(f"config file {p} cannot be read ({err.strerror or err})") from None
     try:
+        _check_keys_are_names(yaml.compose(text, Loader=yaml.SafeLoader), text, p)
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -322,8 +329,60 @@ def _read_yaml(p: Path, how: str) -> dict[str, Any]:
     return loaded
 
 
+_NAME_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge")
+
+
+def _check_keys_are_names(root: yaml.Node | None, text: str, p: Path) -> None:
+    """Refuse a mapping key that YAML does not read as a string (``? x``, ``1:``, ``null:``, ``true:``, ``[a]:``).
+
+    Config keys are names; any other key would reach the loader as ``None``, a number or a list. The
+    message quotes the key as written and its line, at any depth (inside lists and ``loss.terms`` too).
+    """
+    stack: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
+    seen: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, path) for item in node.value)
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag in _NAME_TAGS:
+                stack.append((value, f"{path}{key.value}."))
+                continue
+            written = text[key.start_mark.index:key.end_mark.index].strip()
+            shown = f"'{written}'" if written else "'?' with no name after it (read as null)"
+            under = f" under '{path.rstrip('.')}'" if path else ""
+            raise CKTFError(f"config file {p}: key {shown} at line {key.start_mark.line + 1}{under} is not a name; "
+                            "config keys are names like train: or epochs: (quote a key to make it one)")
+
+
+def first_non_name_key(value: Any) -> str | None:
+    """The first mapping key inside ``value`` (nested lists and mappings) that is not a string, as YAML writes
+    it (``null``, ``1``, ``true``), else None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return _written(key)
+                stack.append(child)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
+
+
+def _written(value: Any) -> str:
+    """``value`` as YAML would write it on one line (``null``, ``true``, ``1``, ``[a, b]``)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).strip().removesuffix("...").strip()
+
+
 def _read_tree(p: Path, chain: list[Path], source: dict[str, str], how: str) -> dict[str, Any]:
-    loaded = _read_yaml(p, how)
+    loaded = read_yaml_mapping(p, how)
     resolved = p.resolve()
     if resolved in chain:
         loop = " -> ".join(str(c) for c in [*chain, resolved])

@@ -16,11 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from transfer import __version__
-from transfer.config import DataConfig, config_to_dict, dump_config
+from transfer.config import DataConfig, config_to_dict, dump_config, read_yaml_mapping
 from transfer.data import build_dataset
 from transfer.data.batch_augment import BatchTransform, build_batch_transform
 from transfer.data.indexed import IndexedSubset, holdout_split
@@ -167,7 +166,7 @@ def write_run_config(run: RunDir, cfg: Any, *, resume: bool, allow_change: tuple
     if resume and run.config.is_file():
         now = _flatten(config_to_dict(cfg))
         implied = {key: value for key, value in IMPLIED_BY_OLDER_RUNS.items() if key in now}
-        saved = {**implied, **_flatten(yaml.safe_load(run.config.read_text()) or {})}
+        saved = {**implied, **_flatten(read_yaml_mapping(run.config, "the config of the run to resume"))}
         # per-image augmentation draws in the loader's workers, seeded per worker: their number matters then
         may_change = set(RESUME_MAY_CHANGE)
         if now.get("data.augment") == "per_image":
