@@ -20,7 +20,7 @@ import json
 import math
 import statistics
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,9 @@ class ProbeRun:
     seed: int | None
     curve: list[float]  # probe test accuracy in [0, 1]; curve[e - 1] is epoch e
     metrics: dict[str, Any]
+    # the resolved configs that made these numbers, flattened: "probe:train.epochs" (the probe's own) and
+    # "network:train.epochs" (the transfer/teacher run whose checkpoint was probed), where saved
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- loading
@@ -75,7 +78,60 @@ def load_probe_run(path: str | Path) -> ProbeRun:
     metrics = _read_metrics(metrics_file)
     tag = TRANSFER_ACC_TAG if metrics.get("kind") == "transfer" else TEST_ACC_TAG
     return ProbeRun(path=probe_dir, method=metrics["method"], seed=metrics.get("seed"),
-                    curve=_read_curve(probe_dir, tag), metrics=metrics)
+                    curve=_read_curve(probe_dir, tag), metrics=metrics, config=_saved_configs(probe_dir, metrics))
+
+
+def _saved_configs(probe_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    from transfer.config import read_yaml_mapping
+    from transfer.stages.common import flatten_config
+
+    stage = "probe" if metrics.get("kind") == "probe" else "network"
+    found = {stage: probe_dir / "config.yaml"}
+    if stage == "probe":
+        probed = str(metrics.get("run", ""))  # the probed checkpoint, in the run directory that trained it
+        beside = Path(probed).parent / "config.yaml"
+        found["network"] = beside if probed.endswith(".safetensors") and beside.is_file() else \
+            probe_dir.parent / "config.yaml"
+    flat: dict[str, Any] = {}
+    for name, file in found.items():
+        if file.is_file():
+            config = flatten_config(read_yaml_mapping(file, "the config of a compared run"))
+            flat.update({f"{name}:{key}": value for key, value in config.items()})
+    return flat
+
+
+# Keys that cannot change a run's numbers, or that necessarily differ between seeds of one setting
+_NOT_A_SETTING = {"train.seed", "log.name", "probe.out", "probe.label"}
+
+
+def check_groups(runs: list[ProbeRun]) -> None:
+    """Refuse to average runs of different settings as seeds of one method, and the same seed twice.
+
+    Runs labelled alike must agree on every key of their saved configs (the probe's and the probed network's)
+    except the seed and the keys that cannot change a result; a difference is one line listing the keys.
+    """
+    from transfer.stages.common import RESUME_MAY_CHANGE
+
+    ignored = _NOT_A_SETTING | set(RESUME_MAY_CHANGE)
+    first: dict[str, ProbeRun] = {}
+    seeds: dict[tuple[str, Any, Any], ProbeRun] = {}
+    for run in runs:
+        ref = first.setdefault(run.method, run)
+        keys = sorted(set(ref.config) | set(run.config))
+        differ = [key for key in keys if key.split(":", 1)[-1] not in ignored
+                  and ref.config.get(key, _MISSING) != run.config.get(key, _MISSING)]
+        if differ:
+            shown = ", ".join(f"{key} ({ref.config.get(key, _MISSING)!r} vs {run.config.get(key, _MISSING)!r})"
+                              for key in differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+            raise CKTFError(f"{ref.path} and {run.path} are both '{run.method}' but were made with other "
+                            f"settings: {shown}; compare runs of one setting as seeds, or label them apart with "
+                            f"--label {run.path}=NAME")
+        seed = (run.method, run.seed, run.config.get("network:train.seed"))
+        if seed in seeds:
+            raise CKTFError(f"{seeds[seed].path} and {run.path} are both '{run.method}' with the same seed "
+                            f"{run.seed}: the same run twice? give each seed once, or label one apart with "
+                            f"--label {run.path}=NAME")
+        seeds[seed] = run
 
 
 def _probe_dir(path: Path) -> Path:
@@ -271,8 +327,12 @@ def write_report(runs: list[ProbeRun], out: str | Path, title: str | None = None
     return paths
 
 
-def compare(paths: list[str | Path], out: str | Path, title: str | None = None) -> dict[str, Path]:
+def compare(paths: list[str | Path], out: str | Path, title: str | None = None,
+            labels: dict[str, str] | None = None) -> dict[str, Path]:
     """Load every run in ``paths`` (all validated before anything is written) and write the report.
+
+    Runs are grouped by method (``labels`` maps a path, as given, to another name); runs of one group are
+    seeds of one setting (:func:`check_groups`).
 
     Example::
 
@@ -281,6 +341,7 @@ def compare(paths: list[str | Path], out: str | Path, title: str | None = None) 
     if not paths:
         raise CKTFError("cktf compare: no run given; pass one or more run directories (runs/<name>)")
     _check_out(Path(out))
+    labels = {Path(path).resolve(): name for path, name in (labels or {}).items()}
     runs: list[ProbeRun] = []
     seen: dict[Path, str | Path] = {}
     for path in paths:
@@ -289,7 +350,14 @@ def compare(paths: list[str | Path], out: str | Path, title: str | None = None) 
         if key in seen:
             raise CKTFError(f"{path}: the same probe results as {seen[key]} were given twice")
         seen[key] = path
+        for where in (Path(path).resolve(), key):
+            if where in labels:
+                run.method = labels.pop(where)
         runs.append(run)
+    if labels:
+        raise CKTFError(f"--label {next(iter(labels))}=…: that directory is not among the compared runs "
+                        f"({', '.join(str(p) for p in paths)})")
+    check_groups(runs)
     return write_report(runs, out, title)
 
 

@@ -23,7 +23,8 @@ class ProbeSectionConfig:
     model: str | None = option(None, help="model name for backbone=random")
     label: str | None = option(None, help="method label in reports (default: the checkpoint's method, "
                                "'teacher', 'random_init' or 'pixels')")
-    out: str | None = option(None, help="output directory (default: <checkpoint's run dir>/probe)")
+    out: str | None = option(None, help="output directory (default: <run dir>/probe for a checkpoint in its own "
+                              "cktf run directory, else probe_<file name> beside the checkpoint)")
     standardize: bool = option(
         True, help="standardise the features with the probe-train mean/std before the linear layer (one lr "
         "fits every backbone); false: raw features, as the published CKTF code's fine-tuning")

@@ -31,12 +31,14 @@ from transfer.data.transforms import build_transform
 from transfer.engine import distributed
 from transfer.engine.checkpoint import read_metadata
 from transfer.engine.performance import check_runtime, prepare_network
+from transfer.engine.rundir import is_own_run
 from transfer.engine.runtime import seed_everything, set_threads
 from transfer.engine.trainer import Engine, FitResult
 from transfer.errors import CKTFError
 from transfer.models import build_model
 from transfer.models.checkpoints import load_network
 from transfer.models.input_spec import InputSpec, check_channels, follow_recorded_input
+from transfer.sampling import file_sha256
 from transfer.stages.common import (
     RunRequest,
     extract_features,
@@ -63,6 +65,12 @@ class Backbone:
     out: Path
     source: str
     transfer_seconds: float | None
+    sha256: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """What makes two probes probes of the same network: the checkpoint's content, else the control's name."""
+        return self.sha256 or self.source
 
 
 def _backbone(cfg: ProbeConfig, student: str | None, in_channels: int) -> Backbone:
@@ -87,9 +95,35 @@ def _backbone(cfg: ProbeConfig, student: str | None, in_channels: int) -> Backbo
     if (run_dir / "metrics.json").is_file():
         seconds = json.loads((run_dir / "metrics.json").read_text()).get("train_seconds")
     label = cfg.probe.label or meta.get("method") or meta["kind"]
-    out = Path(cfg.probe.out) if cfg.probe.out else run_dir / "probe"
+    out = Path(cfg.probe.out) if cfg.probe.out else default_probe_dir(Path(student))
     return Backbone(network_features(net.model, net.name, net.taps), label, net.in_channels, out, str(student),
-                    seconds if meta["kind"] == "transfer" else None)
+                    seconds if meta["kind"] == "transfer" else None, file_sha256(student))
+
+
+def default_probe_dir(student: Path) -> Path:
+    """``<run>/probe`` for a checkpoint in its own cktf run directory; ``<folder>/probe_<stem>`` for any other
+    file, so that two checkpoints side by side (``teachers/r18.safetensors``, ``teachers/r34.safetensors``)
+    never share a probe."""
+    if is_own_run(student.parent):
+        return student.parent / "probe"
+    return student.parent / f"probe_{student.stem}"
+
+
+def check_same_backbone(backbone: Backbone, request: RunRequest) -> None:
+    """Refuse to continue (or report) a probe directory that holds the probe of another network.
+
+    A probe directory's checkpoint records the sha256 of the network it probes; without this check
+    ``--resume`` would report the old network's linear probe next to the new one's kNN.
+    """
+    last = backbone.out / "last.safetensors"
+    if request.overwrite or not last.is_file():
+        return
+    saved = read_metadata(last)
+    if saved.get("backbone_sha256", saved.get("backbone")) == backbone.identity:
+        return
+    raise CKTFError(f"{backbone.out} holds the probe of {saved.get('backbone', 'another network')}, not of "
+                    f"{backbone.source} (their contents differ); pass --probe.out DIR for a probe of "
+                    f"{backbone.source}, or --overwrite to replace that probe")
 
 
 def _recorded_input(student: str) -> InputSpec:
@@ -236,6 +270,7 @@ def probe_metrics(cfg: ProbeConfig, backbone: Backbone, result: FitResult, knn: 
         "transfer_seconds": backbone.transfer_seconds,
         "probe_seconds": seconds,
         "run": str(backbone.source),
+        "backbone_sha256": backbone.identity,
         "train_items": len(data.keep),
         "test_items": len(data.test),
     }
@@ -261,8 +296,10 @@ def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRe
     probe = LinearProbe(feats.train.shape[1], data.train.num_classes, *stats)
     task, train_set, evals, augment = probe_training(cfg, module, probe, data, feats, device)
 
-    metadata = {"kind": "probe", "method": backbone.label, "backbone": backbone.source}
-    option = "probe.out" if cfg.probe.out else "probe.out (default: <checkpoint's run dir>/probe)"
+    metadata = {"kind": "probe", "method": backbone.label, "backbone": backbone.source,
+                "backbone_sha256": backbone.identity}
+    check_same_backbone(backbone, request)
+    option = "probe.out" if cfg.probe.out else "probe.out (default: <run dir>/probe, or probe_<name> beside the file)"
     describe = (f"probe ({cfg.probe.mode}): {backbone.source} on {d.name}/{d.train_split} ({len(data.keep)} "
                 f"labeled, test {len(data.test)})")
     engine = open_run(backbone.out, option, cfg, task, device, metadata, request, describe=describe,

@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from linear_probe.compare import compare, epochs_to_fraction, load_probe_run, summarise
@@ -264,3 +265,53 @@ def test_epochs_to_fraction_other_fractions():
     assert epochs_to_fraction([0.2, 0.4, 0.6, 0.8], 1.0) == 4
     with pytest.raises(ValueError):
         epochs_to_fraction([0.5], 0.0)
+
+
+def _configured(run_dir: Path, method: str, seed: int, *, size: int = 64, epochs: int = 2) -> Path:
+    """A probed transfer run with the saved configs of both stages, as cktf writes them."""
+    run_dir.mkdir(parents=True)
+    transfer = {"data": {"image_size": size, "root": f"/data/{seed}", "num_workers": seed},
+                "train": {"epochs": epochs, "seed": seed, "threads": 1 + seed}, "log": {"name": run_dir.name}}
+    (run_dir / "config.yaml").write_text("# written by cktf\n" + yaml.safe_dump(transfer))
+    (run_dir / "metrics.json").write_text(json.dumps({"kind": "transfer", "method": method}))
+    probe = _probe(run_dir / "probe", method, seed, [0.5, 0.6])
+    (probe / "config.yaml").write_text(yaml.safe_dump({"train": {"seed": seed, "epochs": 3},
+                                                       "probe": {"out": str(probe)}}))
+    return run_dir
+
+
+def test_runs_of_different_settings_are_not_averaged_as_seeds(tmp_path):
+    """Issue 20: a 64 px / 2-epoch run and a 224 px / 1-epoch run were averaged as one method."""
+    a = _configured(tmp_path / "a_cktf", "cktf", 0)
+    b = _configured(tmp_path / "b_cktf", "cktf", 1, size=224, epochs=1)
+    kd = _configured(tmp_path / "a_kd", "kd", 0)
+    message = _one_line_error(lambda: compare([a, b, kd], tmp_path / "out"), "both 'cktf'",
+                              "network:data.image_size (64 vs 224)", "network:train.epochs (2 vs 1)",
+                              f"--label {b / 'probe'}=NAME")
+    assert "seed" not in message.split("settings:")[1].split(";")[0]  # seeds, roots, threads may differ
+    paths = compare([a, b, kd], tmp_path / "out", labels={str(b): "cktf_224px"})
+    assert {"cktf", "cktf_224px", "kd"} <= set(_table(paths["md"].read_text()))
+
+
+def test_seeds_of_one_setting_are_averaged_but_a_seed_given_twice_is_refused(tmp_path):
+    runs = [_configured(tmp_path / f"cktf_s{seed}", "cktf", seed) for seed in (0, 1)]
+    rows = summarise([load_probe_run(run) for run in runs])
+    assert rows[0]["n"] == 2
+    compare(runs, tmp_path / "out")
+    again = _configured(tmp_path / "cktf_again", "cktf", 1)
+    _one_line_error(lambda: compare([*runs, again], tmp_path / "out2"), "same seed 1", "--label")
+    _one_line_error(lambda: compare(runs, tmp_path / "out3", labels={str(tmp_path / "elsewhere"): "x"}),
+                    "--label", "not among the compared runs")
+
+
+def test_compare_cli_label_option(tmp_path):
+    from tests.cli_helpers import invoke, one_line_error
+
+    a = _configured(tmp_path / "a_cktf", "cktf", 0)
+    b = _configured(tmp_path / "b_cktf", "cktf", 1, size=224)
+    code, out = invoke("compare", str(a), str(b), "--out", str(tmp_path / "r"))
+    one_line_error(code, out, "network:data.image_size")
+    code, out = invoke("compare", str(a), str(b), "--out", str(tmp_path / "r"), "--label", f"{b}=cktf_224")
+    assert code == 0, out
+    assert "cktf_224" in _table((tmp_path / "r/comparison.md").read_text())
+    one_line_error(*invoke("compare", str(a), "--out", str(tmp_path / "r"), "--label", "nonsense"), "DIR=NAME")

@@ -15,6 +15,7 @@ from transfer.engine.checkpoint import load_checkpoint
 from transfer.engine.logger import RunLogger
 from transfer.engine.rundir import prepare_run_dir
 from transfer.engine.trainer import Engine
+from transfer.sampling import file_sha256
 from transfer.stages.common import make_loader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,3 +207,38 @@ def test_stl10_probe_with_the_paper_config(tmp_path):
     assert code == 0, out
     metrics = json.loads((tmp_path / "p/metrics.json").read_text())
     assert metrics["train_items"] == 40 and metrics["test_items"] == 20 and metrics["mode"] == "augment"
+
+
+def test_probes_of_two_checkpoints_never_mix(student, tmp_path):
+    """A probe directory belongs to one network: --resume with another checkpoint is refused naming both, and
+    two checkpoints side by side outside a run directory get a probe directory each (issue 20)."""
+    import shutil
+
+    folder = tmp_path / "teachers"
+    folder.mkdir()
+    shutil.copy(student / "runs/teacher/best.safetensors", folder / "a.safetensors")
+    shutil.copy(student / "runs/kd/last.safetensors", folder / "b.safetensors")
+    base = probe_args(student)[:-1]  # without --overwrite
+    base[base.index("--student") + 1] = str(folder / "a.safetensors")
+    base[base.index("--train.epochs") + 1] = "1"
+    assert invoke(*base)[0] == 0
+    assert (folder / "probe_a/metrics.json").is_file()
+    other = list(base)
+    other[other.index("--student") + 1] = str(folder / "b.safetensors")
+    assert invoke(*other)[0] == 0
+    assert (folder / "probe_b/metrics.json").is_file()
+    for extra in ([], ["--resume"]):
+        code, out = invoke(*other, "--probe.out", str(folder / "probe_a"), *extra)
+        one_line_error(code, out, "holds the probe of", "a.safetensors", "b.safetensors", "--probe.out")
+    code, out = invoke(*base, "--resume")
+    assert code == 0, out
+    metrics = json.loads((folder / "probe_a/metrics.json").read_text())
+    assert metrics["run"].endswith("a.safetensors") and metrics["backbone_sha256"] == file_sha256(
+        folder / "a.safetensors")
+
+
+def test_a_run_directorys_checkpoint_is_probed_into_its_probe_folder(student):
+    from linear_probe.stage import default_probe_dir
+
+    assert default_probe_dir(student / "runs/kd/last.safetensors") == student / "runs/kd/probe"
+    assert default_probe_dir(Path("/x/r18.safetensors")) == Path("/x/probe_r18")

@@ -353,16 +353,26 @@ def probe_cmd(config_path: str, student_path: str | None, resume: bool, overwrit
 @click.argument("runs", nargs=-1, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the plot and tables.")
 @click.option("--title", default=None, help="Title of the report.")
+@click.option("--label", "labels", multiple=True, metavar="DIR=NAME",
+              help="Report the run DIR (as given in RUNS) as method NAME, e.g. to tell two settings of one method "
+              "apart. Repeatable.")
 @verbosity_options
-def compare_cmd(runs: tuple[str, ...], out: str, title: str | None) -> None:
+def compare_cmd(runs: tuple[str, ...], out: str, title: str | None, labels: tuple[str, ...]) -> None:
     """Compare probed runs: convergence plot (PNG) and a Markdown + CSV table.
 
-    RUNS are transfer run directories holding probe/ results (or probe directories). Seeds of the same method
-    are averaged (mean ± std, shaded bands).
+    RUNS are transfer run directories holding probe/ results (or probe directories). Runs of the same method
+    are seeds of one setting and are averaged (mean ± std, shaded bands); runs whose saved configs differ in
+    more than the seed are refused, unless --label tells them apart.
     """
     from linear_probe.compare import compare
 
-    paths = compare(list(runs), out, title)
+    named: dict[str, str] = {}
+    for item in labels:
+        path, sep, name = item.rpartition("=")
+        if not sep or not path or not name.strip():
+            raise CKTFError(f"--label {item!r}: expected DIR=NAME, e.g. --label runs/b_cktf=cktf_224px")
+        named[path] = name.strip()
+    paths = compare(list(runs), out, title, named)
     for kind, path in paths.items():
         click.echo(f"{kind}: {path}")
 

@@ -164,9 +164,9 @@ def write_run_config(run: RunDir, cfg: Any, *, resume: bool, allow_change: tuple
     to extend a finished run). Every accepted difference is recorded in ``resumes.jsonl``.
     """
     if resume and run.config.is_file():
-        now = _flatten(config_to_dict(cfg))
+        now = flatten_config(config_to_dict(cfg))
         implied = {key: value for key, value in IMPLIED_BY_OLDER_RUNS.items() if key in now}
-        saved = {**implied, **_flatten(read_yaml_mapping(run.config, "the config of the run to resume"))}
+        saved = {**implied, **flatten_config(read_yaml_mapping(run.config, "the config of the run to resume"))}
         # per-image augmentation draws in the loader's workers, seeded per worker: their number matters then
         may_change = set(RESUME_MAY_CHANGE)
         if now.get("data.augment") == "per_image":
@@ -216,11 +216,12 @@ def record_resolved(cfg: Any, device: torch.device, data_root: str | os.PathLike
         cfg.data.root = str(data_root)
 
 
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_config(values: dict, prefix: str = "") -> dict[str, Any]:
+    """A saved config as ``{"train.epochs": 2, ...}`` (``data.options`` and other free mappings kept whole)."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, dict) and value and not prefix.startswith("data.options"):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
