@@ -41,6 +41,7 @@ def test_help_lists_commands_and_config_keys():
 def test_teacher_run_writes_its_directory(fashion_root, tmp_path):
     code, out = invoke(*tiny(fashion_root, tmp_path, "t"))
     assert code == 0, out
+    assert "test 50, native resolution)" in out  # the start line says the input size (issue 20)
     run_dir = tmp_path / "t"
     for name in ("config.yaml", "last.safetensors", "best.safetensors", "metrics.json"):
         assert (run_dir / name).is_file(), name
@@ -122,3 +123,37 @@ def test_resume_may_change_workers_only_with_batched_augmentation(fashion_root, 
     assert invoke(*tiny(fashion_root, tmp_path, "b", "--train.epochs", "1"))[0] == 0
     code, out = invoke(*tiny(fashion_root, tmp_path, "b", "--resume", "--train.epochs", "1", "--data.num_workers", "1"))
     assert code == 0, out
+
+
+TRANSFER_CFG = str(REPO / "configs/fashion_lowres/cktf.yaml")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--train.lr"], ["'--train.lr' on the command line needs a value"]),
+    (["--train.lr", "--data.root", "/x"], ["'--train.lr' on the command line needs a value"]),
+    (["--resum"], ["unknown option '--resum'", "did you mean '--resume'?"]),
+    (["--overwrit=1"], ["unknown option '--overwrit'", "did you mean '--overwrite'?"]),
+    (["--loss.terms.kd.wieght", "1"], ["'loss.terms.kd.wieght' on the command line", "loss.terms.kd.weight"]),
+    (["--teacher", "weights.pth"], ["weights.pth is a PyTorch file", "cktf import-teacher"]),
+    (["--teacher", "missing.safetensors"], ["missing.safetensors does not exist", "cktf import-teacher"]),
+])
+def test_command_line_mistakes_say_what_to_do(tmp_path, monkeypatch, args, needles):
+    """Issue 20's friction on the own-data path: each mistake is one line that names the fix."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.pth").write_bytes(b"\x80\x02}q\x00.")
+    one_line_error(*invoke("transfer", "--config", TRANSFER_CFG, "--log.root", str(tmp_path), *args), *needles)
+
+
+def test_a_misspelt_term_option_in_a_file_names_the_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base: {TRANSFER_CFG}\nloss: {{terms: {{kd: {{wieght: 1}}}}}}\n")
+    one_line_error(*invoke("transfer", "--config", str(cfg), "--teacher", "t.safetensors"),
+                   "'loss.terms.kd.wieght' in", "c.yaml", "loss.terms.kd.weight")
+
+
+def test_too_many_negatives_for_a_small_pool_names_the_option_and_a_value_that_fits():
+    from transfer.errors import CKTFError
+    from transfer.sampling.negative_sampler import UniformSampler
+
+    with pytest.raises(CKTFError, match=r"N=400; pass e.g. --sampler.num_negatives 256"):
+        UniformSampler(400, 4096)

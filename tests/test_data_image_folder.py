@@ -99,3 +99,13 @@ def test_missing_root_split_and_empty_folders(tmp_path, folder):
     with pytest.raises(CKTFError) as excinfo:
         build_dataset("image_folder", "unlabeled", tmp_path / "empty")
     assert_one_line(excinfo, "contains no images")
+
+
+@pytest.mark.parametrize("split,expected,unexpected", [
+    ("unlabeled", "no class folders needed", "<class>"),
+    ("train", "train/<class>/<images>", "no class folders"),
+])
+def test_a_missing_root_asks_for_the_layout_of_its_split(tmp_path, split, expected, unexpected):
+    with pytest.raises(CKTFError) as info:
+        build_dataset("image_folder", split, tmp_path / "nowhere")
+    assert expected in str(info.value) and unexpected not in str(info.value)

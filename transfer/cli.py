@@ -160,6 +160,13 @@ def cli(ctx: click.Context) -> None:
     configure_logging(ctx.meta.get("cktf.debug", False), ctx.meta.get("cktf.quiet", False))
 
 
+def load_command_config(config_path: str, schema: type, overrides: tuple[str, ...]):
+    """``load_config`` for the running command: a misspelt option of its own (``--resum``) gets a did-you-mean."""
+    command = click.get_current_context().command
+    options = [name for param in command.params for name in param.opts if name.startswith("--")]
+    return load_config(config_path, schema, overrides, options)
+
+
 _CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
                        help="YAML config file (see configs/); it may build on others with `base: FILE` "
                             "or `base: [FILE, ...]`.")
@@ -201,7 +208,7 @@ def train_teacher_cmd(config_path: str, resume: bool, overwrite: bool, allow_cha
     Writes last.safetensors (every epoch), best.safetensors (best validation accuracy),
     config.yaml, metrics.json and TensorBoard events to <log.root>/<log.name>.
     """
-    cfg = load_config(config_path, TeacherConfig, overrides)
+    cfg = load_command_config(config_path, TeacherConfig, overrides)
     from transfer.stages.teacher import train_teacher
 
     result = train_teacher(cfg, _request(resume, overwrite, allow_change))
@@ -233,7 +240,7 @@ def transfer_cmd(config_path: str, teacher_path: str | None, resume: bool, overw
     """
     if teacher_path is not None:
         overrides = (*overrides, "--teacher.checkpoint", teacher_path)
-    cfg = load_config(config_path, TransferConfig, overrides)
+    cfg = load_command_config(config_path, TransferConfig, overrides)
     from transfer.stages.transfer import run_transfer
 
     result = run_transfer(cfg, _request(resume, overwrite, allow_change))
@@ -341,7 +348,7 @@ def probe_cmd(config_path: str, student_path: str | None, resume: bool, overwrit
     """
     from linear_probe.config import ProbeConfig
 
-    cfg = load_config(config_path, ProbeConfig, overrides)
+    cfg = load_command_config(config_path, ProbeConfig, overrides)
     from linear_probe.stage import run_probe
 
     m = run_probe(cfg, student_path, _request(resume, overwrite, allow_change))

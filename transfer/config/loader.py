@@ -152,24 +152,38 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str, source: dict[str, 
         _check_range(path, value, f.metadata, source)
         kwargs[name] = value
     obj = cls(**kwargs)
+    object.__setattr__(obj, _SOURCES, source)
     check = getattr(obj, "validate", None)
     if check is not None:
         check()
     return obj
 
 
-def build_section(cls: type[T], values: Any, prefix: str, where: str = "in the config") -> T:
+_SOURCES = "_config_sources"
+
+
+def key_sources(section: Any) -> dict[str, str]:
+    """Where each dotted key of a loaded config came from (``"in FILE"``, ``"on the command line"``), for
+    sections validated later with :func:`build_section`; empty for a section not made by the loader."""
+    return dict(getattr(section, _SOURCES, {}))
+
+
+def build_section(cls: type[T], values: Any, prefix: str, where: str = "in the config",
+                  sources: dict[str, str] | None = None) -> T:
     """Validate ``values`` (a mapping read from a free-form part of a config) into the dataclass ``cls``.
 
     Used for sections whose schema is only known later, e.g. a loss term's options under
     ``loss.terms.<name>`` (validated against the term's options dataclass when the stage builds the terms).
-    Errors are the loader's one-liners, naming each key as ``prefix + key`` (``prefix`` ends with a dot).
+    Errors are the loader's one-liners, naming each key as ``prefix + key`` (``prefix`` ends with a dot) and
+    where it came from (``sources``, see :func:`key_sources`; else ``where``).
     """
     if values is None:
         values = {}
+    source = {**(sources or {}), "": where}
     if not isinstance(values, dict):
+        where = source.get(prefix.rstrip("."), where)
         raise CKTFError(f"config key '{prefix.rstrip('.')}' {where}: expected a mapping of keys, got {values!r}")
-    return _build(cls, values, prefix, {"": where})
+    return _build(cls, values, prefix, source)
 
 
 def _check_range(path: str, value: Any, meta: dict, source: dict[str, str]) -> None:
@@ -199,8 +213,13 @@ def _field_type(cls: type, dotted: list[str]) -> Any:
     return tp
 
 
-def parse_overrides(args: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
-    """Turn ``["--train.epochs", "3", "--data.root=/x"]`` into ``[("train.epochs", "3"), ("data.root", "/x")]``."""
+def parse_overrides(args: list[str] | tuple[str, ...], options: list[str] | tuple[str, ...] = ()
+                    ) -> list[tuple[str, str]]:
+    """Turn ``["--train.epochs", "3", "--data.root=/x"]`` into ``[("train.epochs", "3"), ("data.root", "/x")]``.
+
+    ``options`` are the command's own options (``--resume``, …), suggested for a misspelt one (``--resum``).
+    A value is never the next option: ``--train.lr --data.root /x`` says that ``--train.lr`` needs a value.
+    """
     pairs: list[tuple[str, str]] = []
     args = list(args)
     i = 0
@@ -209,19 +228,26 @@ def parse_overrides(args: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
         if not arg.startswith("--") or len(arg) <= 2:
             raise CKTFError(f"unexpected argument '{arg}'; config overrides look like --section.key VALUE")
         key = arg[2:]
+        if "." not in key.split("=", 1)[0]:
+            close = difflib.get_close_matches(arg.split("=", 1)[0], list(options), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise CKTFError(f"unknown option '{arg.split('=', 1)[0]}' on the command line; {hint}config overrides "
+                            "look like --section.key VALUE (see --help for the options and keys)")
         if "=" in key:
             key, raw = key.split("=", 1)
             i += 1
         else:
-            if i + 1 >= len(args):
-                raise CKTFError(f"option '--{key}' needs a value (config overrides look like --section.key VALUE)")
+            if i + 1 >= len(args) or _is_option(args[i + 1]):
+                raise CKTFError(f"option '--{key}' on the command line needs a value, e.g. --{key} VALUE")
             raw = args[i + 1]
             i += 2
-        if "." not in key:
-            raise CKTFError(f"unknown option '--{key}'; config overrides look like --section.key VALUE "
-                            "(see --help for the keys)")
         pairs.append((key, raw))
     return pairs
+
+
+def _is_option(arg: str) -> bool:
+    """``--train.lr`` or ``--resume``, not a value such as ``-1`` or ``--`` alone."""
+    return arg.startswith("--") and len(arg) > 2 and arg[2].isalpha()
 
 
 def _parse_raw(raw: str, tp: Any) -> Any:
@@ -409,14 +435,18 @@ def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
             into[key] = value
 
 
-def load_config(path: str | Path | None, schema: type[T], overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Read ``path`` (YAML, with its ``base:`` chain), apply command-line ``overrides`` and validate into ``schema``."""
+def load_config(path: str | Path | None, schema: type[T], overrides: list[str] | tuple[str, ...] = (),
+                options: list[str] | tuple[str, ...] = ()) -> T:
+    """Read ``path`` (YAML, with its ``base:`` chain), apply command-line ``overrides`` and validate into ``schema``.
+
+    ``options``: the command's own option names, suggested when an override looks like a misspelt one.
+    """
     values: dict[str, Any] = {}
     source: dict[str, str] = {}
     if path is not None:
         values = read_config_tree(path, source)
         source[""] = f"in {Path(path)}"
-    apply_overrides(values, schema, parse_overrides(overrides), source)
+    apply_overrides(values, schema, parse_overrides(overrides, options), source)
     return _build(schema, values, "", source)
 
 

@@ -71,14 +71,14 @@ def _walk_images(directory: Path) -> list[str]:
     return paths
 
 
-def _check_root(root: str | os.PathLike | None) -> Path:
+def _check_root(root: str | os.PathLike | None, split: str) -> Path:
+    layout = ("a folder of images (ROOT/unlabeled/ or anywhere under ROOT; no class folders needed)"
+              if split == "unlabeled" else f"a folder with {split}/<class>/<images>")
     if root is None:
-        raise CKTFError(
-            "dataset image_folder needs a data root: a folder with train/<class>/ image subfolders"
-        )
+        raise CKTFError(f"dataset image_folder needs a data root (--data.root): {layout}")
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise CKTFError(f"image folder root {path} does not exist; expected ROOT/<split>/<class>/<images>")
+        raise CKTFError(f"image folder root {path} does not exist; expected {layout}")
     return path
 
 
@@ -161,7 +161,7 @@ def image_folder(
     """Open split ``split`` of a class-per-subfolder image tree (see the module docstring)."""
     if split not in SPLITS:
         raise CKTFError(f"image_folder split {split!r} is unknown; expected one of {', '.join(SPLITS)}")
-    root_path = _check_root(root)
+    root_path = _check_root(root, split)
     split_dir = root_path / split
     train_dir = root_path / "train"
     classes = list_class_folders(train_dir) if train_dir.is_dir() else []

@@ -57,6 +57,11 @@ class NegativeSampler(nn.Module):
         return f"num_items={self.num_items}, num_negatives={self.num_negatives}"
 
 
+def negatives_that_fit(allowed: int) -> int:
+    """A number of negatives to suggest when ``allowed`` items can be drawn: the largest power of two below it."""
+    return 1 << max(0, (allowed - 1).bit_length() - 1)
+
+
 class UniformSampler(NegativeSampler):
     """Uniform over all items but the anchor, with replacement: CRD's sampler without labels."""
 
@@ -64,7 +69,7 @@ class UniformSampler(NegativeSampler):
         super().__init__(num_items, num_negatives)
         if num_negatives >= num_items:
             raise CKTFError(f"sampler.num_negatives (K={num_negatives}) must be smaller than the number of "
-                            f"items N={num_items}")
+                            f"items N={num_items}; pass e.g. --sampler.num_negatives {negatives_that_fit(num_items)}")
 
     def forward(self, anchors: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         anchors = _check_anchors(anchors)
@@ -107,7 +112,8 @@ class DebiasedSampler(NegativeSampler):
         allowed = num_items - exclude - 1
         if num_negatives >= allowed:
             raise CKTFError(f"sampler.num_negatives (K={num_negatives}) must be smaller than N - exclude - 1 = "
-                            f"{allowed} (items left after excluding the anchor and its {exclude} nearest neighbours)")
+                            f"{allowed} (items left after excluding the anchor and its {exclude} nearest neighbours); "
+                            f"pass e.g. --sampler.num_negatives {negatives_that_fit(allowed)}")
         self.exclude = exclude
         self.num_allowed = allowed
         dtype = torch.int32 if num_items <= torch.iinfo(torch.int32).max else torch.int64

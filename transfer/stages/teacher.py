@@ -16,7 +16,7 @@ from transfer.engine.rundir import run_path
 from transfer.engine.runtime import seed_everything, set_threads
 from transfer.engine.trainer import FitResult
 from transfer.models import build_model
-from transfer.stages.common import RunRequest, build_splits, make_loader, open_run
+from transfer.stages.common import RunRequest, build_splits, input_resolution, make_loader, open_run
 from transfer.tasks import SupervisedTask
 
 
@@ -40,7 +40,7 @@ def train_teacher(cfg: TeacherConfig, request: RunRequest = RunRequest()) -> Fit
     evaluated = (("val", splits.val), ("test", splits.test))
     sizes = ", ".join(f"{name} {len(ds)}" for name, ds in evaluated if ds is not None)
     describe = (f"train-teacher: {cfg.model.name} on {cfg.data.name}/{cfg.data.train_split} ({len(splits.train)} "
-                f"images{', ' + sizes if sizes else ''})")
+                f"images{', ' + sizes if sizes else ''}, {input_resolution(cfg.data)})")
     engine = open_run(run_path(cfg.log.root, cfg.log.name), "log.root/log.name", cfg, task, device, metadata, request,
                       describe=describe, data_root=getattr(splits.train, "root", None))
     workers = cfg.data.num_workers

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -38,6 +39,7 @@ from transfer.stages.common import (
     RunRequest,
     eval_transform,
     extract_features,
+    input_resolution,
     make_loader,
     open_run,
     train_pipeline,
@@ -71,9 +73,17 @@ def load_teacher(cfg: TransferConfig) -> LoadedNetwork:
 
     The data's input size and normalisation follow what the checkpoint records, unless ``cfg.data`` sets them.
     """
-    if cfg.teacher.checkpoint is None:
-        raise CKTFError("no teacher given: pass --teacher PATH (a best.safetensors written by cktf train-teacher)")
-    teacher = load_network(cfg.teacher.checkpoint, prefix="model.", kinds=("teacher",), option="--teacher")
+    how = ("train one with `cktf train-teacher` (its best.safetensors), or convert pretrained weights with "
+           "`cktf import-teacher --arch ARCH --weights FILE --out teacher.safetensors`")
+    path = cfg.teacher.checkpoint
+    if path is None:
+        raise CKTFError(f"no teacher given: pass --teacher PATH; {how}")
+    if not Path(path).is_file():
+        raise CKTFError(f"--teacher {path} does not exist; {how}")
+    if Path(path).suffix.lower() in (".pth", ".pt", ".bin", ".ckpt", ".tar"):
+        raise CKTFError(f"--teacher {path} is a PyTorch file, not a cktf checkpoint (.safetensors written by "
+                        f"cktf); {how}")
+    teacher = load_network(path, prefix="model.", kinds=("teacher",), option="--teacher")
     follow_recorded_input(cfg.data, teacher.input, f"teacher {cfg.teacher.checkpoint}")
     return teacher
 
@@ -214,7 +224,7 @@ def open_transfer_run(cfg: TransferConfig, task: TransferTask, teacher: LoadedNe
     }
     terms = ", ".join(f"{name} {weight:g}" for name, weight in task.weights.items())
     describe = (f"transfer ({cfg.loss.method}: {terms}): {teacher.name} -> {cfg.student.name} on "
-                f"{cfg.data.name}/{cfg.data.train_split} ({len(pool)} images)")
+                f"{cfg.data.name}/{cfg.data.train_split} ({len(pool)} images, {input_resolution(cfg.data)})")
     return open_run(run_path(cfg.log.root, cfg.log.name), "log.root/log.name", cfg, task, device, metadata, request,
                     describe=describe, data_root=getattr(pool, "root", None))
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from torch import nn
 
 from transfer.config import LossConfig
-from transfer.config.loader import build_section, suggest
+from transfer.config.loader import build_section, key_sources, suggest
 from transfer.errors import CKTFError
 from transfer.losses.terms.base import LossTerm, Needs, TermContext, TermOptions
 
@@ -99,7 +99,7 @@ def resolve_terms(loss: LossConfig) -> list[TermSpec]:
     for name, cls in TERMS.items():
         if name not in loss.terms:
             continue
-        options = build_section(cls.Options, loss.terms[name], f"loss.terms.{name}.")
+        options = build_section(cls.Options, loss.terms[name], f"loss.terms.{name}.", sources=key_sources(loss))
         specs.append(TermSpec(name, cls, options, cls.declare(options, loss.nce)))
     if not any(spec.active for spec in specs):
         raise CKTFError(f"every term of loss.terms ({', '.join(s.name for s in specs)}) has weight 0; give at "
