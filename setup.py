@@ -5,8 +5,16 @@ which swaps it for ``faiss-gpu`` (both ship the same ``faiss`` module, so they m
 """
 
 import os
+from pathlib import Path
 
 from setuptools import find_packages, setup
+
+# The example configs (configs/<folder>/*.yaml) install as package data under transfer/configs/, so an installed
+# cktf can run `--config image_folder/cktf.yaml` from anywhere (transfer/config/shipped.py).
+HERE = Path(__file__).resolve().parent
+CONFIG_FOLDERS = sorted(p.name for p in (HERE / "configs").iterdir() if p.is_dir())
+CONFIG_PACKAGES = {"transfer.configs": "configs", **{f"transfer.configs.{name}": f"configs/{name}"
+                                                     for name in CONFIG_FOLDERS}}
 
 FAISS_GPU = os.environ.get("CKTF_FAISS", "cpu").lower() == "gpu"
 
@@ -33,7 +41,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["transfer", "transfer.*", "linear_probe", "linear_probe.*"]),
+    packages=find_packages(include=["transfer", "transfer.*", "linear_probe", "linear_probe.*"]) + list(CONFIG_PACKAGES),
+    package_dir=CONFIG_PACKAGES,
+    package_data={name: ["*.yaml", "*.md"] for name in CONFIG_PACKAGES},
     install_requires=requirements,
     extras_require={
         "gpu": ["faiss-gpu>=1.8"],

@@ -22,13 +22,14 @@ from linear_probe.config import ProbeConfig
 from linear_probe.stage import run_probe
 from transfer.config import TeacherConfig, TransferConfig, load_config
 from transfer.config.loader import overrides_for
+from transfer.config.shipped import shipped_configs_dir
 from transfer.errors import CKTFError
 from transfer.stages.common import RunRequest
 from transfer.stages.teacher import train_teacher
 from transfer.stages.transfer import run_transfer
 
 log = logging.getLogger("cktf")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "fashion_lowres"
+CONFIGS = shipped_configs_dir() / "fashion_lowres"
 METHODS = ("kd", "crd", "cktf")
 CEILING_LABEL = "supervised_ceiling"
 

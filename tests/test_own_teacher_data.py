@@ -69,7 +69,7 @@ def test_transfer_and_probe_follow_the_imported_teacher(setup):
     run = setup / "runs/cktf"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["image_size"] == 32 and saved["data"]["mean"] == pytest.approx(IMAGENET_MEAN)
-    assert "on image_folder/unlabeled (12 images)" in out  # the pool is unlabeled/ only, not train/ and test/
+    assert "on image_folder/unlabeled (12 images, 32x32 px)" in out  # unlabeled/ only, not train/ and test/
     meta = read_metadata(run / "last.safetensors")
     assert meta["kind"] == "transfer" and meta["image_size"] == "32" and meta["teacher_model"] == "torchvision.resnet18"
 
@@ -109,3 +109,47 @@ def test_channel_and_size_mismatches_are_one_line(setup, tmp_path):
     assert "data.image_size 8 differs" in warning
     one_line_error(code, error, "student vgg8 cannot run on 3x8x8 images")
     assert not (setup / "runs/tiny").exists()
+
+
+def test_an_installed_cktf_runs_its_shipped_configs_from_anywhere(setup, tmp_path):
+    """Issue 20: `--config image_folder/cktf.yaml` works outside the checkout. The package is built into a wheel
+    from a copy of the sources and installed into its own folder (its dependencies come from this venv), then
+    run from a directory that has no configs/."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("transfer", "linear_probe", "configs"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"} | {"PIP_CONFIG_FILE": os.devnull}
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, env=env, cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("cktf-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
+                   env=env, cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env["PYTHONPATH"] = str(tmp_path / "site")
+
+    def cktf(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "transfer.cli", *args], env=env, cwd=elsewhere,
+                              capture_output=True, text=True, timeout=300)
+
+    where = subprocess.run([sys.executable, "-c", "import transfer; print(transfer.__file__)"], env=env,
+                           cwd=elsewhere, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(tmp_path / "site"))
+    listed = cktf("configs")
+    assert listed.returncode == 0 and "image_folder/cktf.yaml" in listed.stdout.split()
+    done = cktf(*transfer_args(setup, "installed")[:2], "image_folder/cktf.yaml", *transfer_args(setup, "installed")[3:])
+    assert done.returncode == 0, done.stderr
+    assert (setup / "runs/installed/last.safetensors").is_file()
+    copied = cktf("configs", "--copy", "image_folder", "--to", "mine")
+    assert copied.returncode == 0 and (elsewhere / "mine/image_folder/cktf.yaml").is_file()
+    again = cktf("configs", "--copy", "image_folder", "--to", "mine")
+    assert again.returncode != 0 and "never overwrites" in again.stderr

@@ -162,14 +162,16 @@ def cli(ctx: click.Context) -> None:
 
 def load_command_config(config_path: str, schema: type, overrides: tuple[str, ...]):
     """``load_config`` for the running command: a misspelt option of its own (``--resum``) gets a did-you-mean."""
+    from transfer.config.shipped import resolve_config_path
+
     command = click.get_current_context().command
     options = [name for param in command.params for name in param.opts if name.startswith("--")]
-    return load_config(config_path, schema, overrides, options)
+    return load_config(resolve_config_path(config_path), schema, overrides, options)
 
 
 _CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-                       help="YAML config file (see configs/); it may build on others with `base: FILE` "
-                            "or `base: [FILE, ...]`.")
+                       help="YAML config file, or the name of a shipped one (e.g. image_folder/cktf.yaml; `cktf "
+                            "configs` lists them); it may build on others with `base: FILE` or `base: [FILE, ...]`.")
 
 
 def run_options(where: str):
@@ -384,6 +386,29 @@ def compare_cmd(runs: tuple[str, ...], out: str, title: str | None, labels: tupl
         click.echo(f"{kind}: {path}")
 
 
+@cli.command("configs")
+@click.option("--copy", "folder", default=None, metavar="FOLDER",
+              help="Copy the shipped folder FOLDER (e.g. image_folder) into --to, to edit; never overwrites.")
+@click.option("--to", "dest", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where --copy puts the folder.")
+@verbosity_options
+def configs_cmd(folder: str | None, dest: str) -> None:
+    """List the configs that come with cktf, or copy a folder of them.
+
+    Any of them can be named from anywhere, e.g. `cktf transfer --config image_folder/cktf.yaml`, when no such
+    file exists relative to the current directory.
+    """
+    from transfer.config.shipped import copy_shipped, list_shipped, shipped_configs_dir
+
+    if folder is None:
+        click.echo(f"# shipped configs ({shipped_configs_dir()}); pass one as --config FOLDER/FILE.yaml")
+        for name in list_shipped():
+            click.echo(name)
+        return
+    for path in copy_shipped(folder, dest):
+        click.echo(f"copied {path}")
+
+
 @cli.command("demo", context_settings=OVERRIDABLE)
 @click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Directory for all runs of the demo.")
@@ -413,7 +438,9 @@ def demo_cmd(runs_root: str, seeds: int, only_seeds: str | None, configs: str | 
     from linear_probe.demo import CONFIGS, run_demo, run_seeds
 
     chosen = [m for m in methods.split(",") if m]
-    kwargs = {"configs": CONFIGS if configs is None else configs, "methods": tuple(chosen)}
+    from transfer.config.shipped import resolve_config_path
+
+    kwargs = {"configs": CONFIGS if configs is None else resolve_config_path(configs), "methods": tuple(chosen)}
     if only_seeds is not None:
         try:
             subset = sorted({int(s) for s in only_seeds.split(",") if s.strip()})
