@@ -146,7 +146,9 @@ def test_an_installed_cktf_runs_its_shipped_configs_from_anywhere(setup, tmp_pat
     assert where.startswith(str(tmp_path / "site"))
     listed = cktf("configs")
     assert listed.returncode == 0 and "image_folder/cktf.yaml" in listed.stdout.split()
-    done = cktf(*transfer_args(setup, "installed")[:2], "image_folder/cktf.yaml", *transfer_args(setup, "installed")[3:])
+    args = transfer_args(setup, "installed")
+    args[args.index("--config") + 1] = "image_folder/cktf.yaml"
+    done = cktf(*args)
     assert done.returncode == 0, done.stderr
     assert (setup / "runs/installed/last.safetensors").is_file()
     copied = cktf("configs", "--copy", "image_folder", "--to", "mine")
