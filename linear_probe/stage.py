@@ -50,9 +50,13 @@ from transfer.stages.common import (
 TAGS = {"test/acc": "probe/test_acc", "train/loss_epoch": "probe/train_loss", "val/acc": "probe/val_acc"}
 
 
-def probe_tag(tag: str) -> str:
-    """TensorBoard tag of an engine metric inside a probe run."""
-    return TAGS.get(tag, f"probe/{tag}")
+def probe_tag(tag: str) -> str | None:
+    """TensorBoard tag of an engine metric inside a probe run: one tag per quantity, against epochs. The
+    engine's per-step windows (``train/loss`` every ``log.log_every`` steps) are left out: the epoch's
+    ``probe/train_loss`` is the probe's training loss."""
+    if tag in TAGS:
+        return TAGS[tag]
+    return None if tag.startswith("train/") else f"probe/{tag}"
 
 
 @dataclass

@@ -80,6 +80,7 @@ def test_probe_writes_curve_and_metrics_and_never_moves_the_student(student):
     acc.Reload()
     assert [e.step for e in acc.Scalars("probe/test_acc")] == [1, 2, 3, 4]
     assert {"probe/train_loss", "probe/knn_acc"} <= set(acc.Tags()["scalars"])
+    assert not [tag for tag in acc.Tags()["scalars"] if tag.startswith("probe/train/")]  # one tag per quantity
 
 
 def test_linear_probe_without_statistics_is_a_plain_linear_map():

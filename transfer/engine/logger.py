@@ -18,7 +18,7 @@ class RunLogger:
     """Writes scalars to TensorBoard under the run directory (if enabled) and prints epoch summaries."""
 
     def __init__(self, run_path: Path, *, tensorboard: bool = True, progress: bool = True,
-                 purge_step: int | None = None, tag_map: Callable[[str], str] | None = None,
+                 purge_step: int | None = None, tag_map: Callable[[str], str | None] | None = None,
                  progress_every: float = 0.0) -> None:
         self.progress = progress and sys.stderr.isatty()
         self.progress_every = progress_every
@@ -33,7 +33,9 @@ class RunLogger:
         if self.writer is None:
             return
         for tag, value in values.items():
-            self.writer.add_scalar(self.tag_map(tag), value, step)
+            mapped = self.tag_map(tag)
+            if mapped is not None:  # a stage may leave a quantity out (None)
+                self.writer.add_scalar(mapped, value, step)
 
     def bar(self, iterable: Iterable, total: int, desc: str, initial: int = 0) -> Any:
         return tqdm(iterable, total=total, desc=desc, initial=initial, disable=not self.progress, leave=False,
