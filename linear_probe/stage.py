@@ -30,6 +30,7 @@ from transfer.data.indexed import IndexedSubset, holdout_split
 from transfer.data.transforms import build_transform
 from transfer.engine import distributed
 from transfer.engine.checkpoint import read_metadata
+from transfer.engine.logger import phase
 from transfer.engine.performance import check_runtime, prepare_network
 from transfer.engine.rundir import is_own_run
 from transfer.engine.runtime import seed_everything, set_threads
@@ -201,8 +202,9 @@ def probe_data(cfg: ProbeConfig, student: str | None) -> ProbeData:
 def extract_all(module: nn.Module, data: ProbeData, cfg: ProbeConfig, device: torch.device) -> Features:
     """The frozen backbone's features of the whole train split and of the test split."""
     batch, workers = cfg.train.eval_batch_size, cfg.data.num_workers
-    feats, labels = extract_features(module, data.train, batch, device, workers)
-    test_feats, test_labels = extract_features(module, data.test, batch, device, workers)
+    with phase(f"extracting features of {len(data.train)} train and {len(data.test)} test images"):
+        feats, labels = extract_features(module, data.train, batch, device, workers)
+        test_feats, test_labels = extract_features(module, data.test, batch, device, workers)
     return Features(feats, labels, test_feats, test_labels)
 
 

@@ -157,3 +157,38 @@ def test_too_many_negatives_for_a_small_pool_names_the_option_and_a_value_that_f
 
     with pytest.raises(CKTFError, match=r"N=400; pass e.g. --sampler.num_negatives 256"):
         UniformSampler(400, 4096)
+
+
+def test_an_interrupt_says_truthfully_what_it_left(fashion_root, tmp_path, monkeypatch):
+    """Ctrl-C outside a training step (e.g. while banks fill before the first batch): no promise of a checkpoint
+    that does not exist (issue 20)."""
+    from transfer.engine import rundir
+    from transfer.engine.trainer import Engine
+
+    monkeypatch.setattr(rundir, "_OPENED", [])
+    assert invoke(*tiny(fashion_root, tmp_path, "done", "--train.epochs", "1"))[0] == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "fit", interrupted)
+    code, out = invoke(*tiny(fashion_root, tmp_path, "cut"))
+    assert code == 130 and f"interrupted before {tmp_path / 'cut'} had a checkpoint; nothing to resume" in out
+    code, out = invoke(*tiny(fashion_root, tmp_path, "done", "--resume", "--train.epochs", "1"))
+    assert code == 130, out
+    assert f"interrupted; {tmp_path / 'done/last.safetensors'} is the last complete checkpoint; continue with: " in out
+    monkeypatch.setattr(rundir, "_OPENED", [])
+    from transfer.cli import interrupted_line
+
+    assert interrupted_line("transfer") == "interrupted before a run directory was created; nothing to resume"
+
+
+def test_a_long_phase_before_training_says_what_it_does(caplog):
+    import logging
+
+    from transfer.engine.logger import phase
+
+    with caplog.at_level(logging.INFO, logger="cktf"), phase("filling the memory banks (400 images)"):
+        pass
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "filling the memory banks (400 images) …" and lines[1].endswith(" s")

@@ -258,3 +258,32 @@ def test_an_error_quoting_a_line_break_stays_one_line(tmp_path):
     (tmp_path / "c.yaml").write_text('"tra\\nin": {epochs: 1}\n')
     msg = error_of(lambda: load_config(tmp_path / "c.yaml", TeacherConfig))
     assert "unknown config key 'tra\\nin'" in msg
+
+
+def test_num_workers_auto_is_resolved_from_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    from transfer.config import schema
+
+    for cpus, expected in ((1, 0), (2, 1), (3, 2), (64, 4)):
+        monkeypatch.setattr(schema, "available_cpus", lambda cpus=cpus: cpus)
+        cfg = load_config(write(tmp_path, BASE), TeacherConfig, ["--data.num_workers", "auto"])
+        assert cfg.data.num_workers == expected
+        assert yaml.safe_load(dump_config(cfg))["data"]["num_workers"] == expected  # the value used is recorded
+
+
+def test_more_workers_than_cpus_is_one_line_of_cktf_not_torchs_warning_per_loader(caplog, recwarn):
+    import logging
+
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from transfer.config.schema import available_cpus
+    from transfer.stages import common
+
+    many = available_cpus() + 3
+    data = TensorDataset(torch.zeros(8, 1))
+    with caplog.at_level(logging.WARNING, logger="cktf"):
+        for train in (True, False):
+            iter(common.make_loader(data, 4, train=train, num_workers=many, device=torch.device("cpu")))._shutdown_workers()
+    ours = [r.getMessage() for r in caplog.records if f"data.num_workers {many}" in r.getMessage()]
+    assert len(ours) == 1 and "--data.num_workers auto" in ours[0]
+    assert not [w for w in recwarn if "worker processes in total" in str(w.message)]

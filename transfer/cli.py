@@ -69,13 +69,27 @@ class CKTFGroup(click.Group):
             if ctx.meta.get("cktf.debug"):
                 raise
             if main:
-                click.echo("interrupted; a run continues from its last checkpoint with --resume", err=True)
+                click.echo(interrupted_line(ctx.invoked_subcommand), err=True)
             ctx.exit(128 + signal.SIGINT)
         finally:
             if launched():
                 from transfer.engine import distributed
 
                 distributed.teardown()
+
+
+def interrupted_line(command: str | None) -> str:
+    """What an interrupt outside a training step left: a checkpoint to continue from, or nothing to resume."""
+    from transfer.engine.rundir import last_opened_run
+
+    run = last_opened_run()
+    if run is None:
+        return "interrupted before a run directory was created; nothing to resume"
+    if not run.last.is_file():
+        return (f"interrupted before {run.path} had a checkpoint; nothing to resume: the same command starts it "
+                "afresh")
+    return (f"interrupted; {run.last} is the last complete checkpoint; continue with: "
+            f"{resume_command(sys.argv, flag=command != 'demo')}")
 
 
 def resume_command(argv: list[str], flag: bool = True) -> str:

@@ -6,11 +6,19 @@ their own (``teacher``, ``student``, ``loss``, ``sampler``, ``probe``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from transfer.config.loader import option
 from transfer.errors import CKTFError
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a Slurm allocation), not the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclass
@@ -30,7 +38,9 @@ class DataConfig:
     mean: list[float] | None = option(None, help="per-channel normalisation mean (null: what the checkpoint "
                                       "records, else the dataset's statistics)")
     std: list[float] | None = option(None, help="per-channel normalisation std (null: like mean)")
-    num_workers: int = option(0, help="DataLoader worker processes (0: load in the main process)", min=0)
+    num_workers: int | Literal["auto"] = option(
+        0, help="DataLoader worker processes (0: load in the main process; auto: one per CPU this process may use "
+        "beyond the first, at most 4; config.yaml records the number used)", min=0)
     augment: Literal["batched", "per_image"] = option(
         "batched", help="where training augmentation runs: batched (datasets yield uint8 images; crop, flip and "
         "normalisation run on each whole batch on the training device) or per_image (torchvision transforms in "
@@ -39,6 +49,8 @@ class DataConfig:
                                      "--data.options.labels_per_class 20")
 
     def validate(self) -> None:
+        if self.num_workers == "auto":
+            self.num_workers = min(4, max(0, available_cpus() - 1))
         for key, values in (("mean", self.mean), ("std", self.std)):
             if values is not None and not values:
                 raise CKTFError(f"config key 'data.{key}' must list one value per channel, got []")

@@ -3,15 +3,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 log = logging.getLogger("cktf")
+
+
+@contextlib.contextmanager
+def phase(what: str) -> Iterator[None]:
+    """Say that ``what`` (a step before or between epochs: filling banks, extracting features) starts, and how
+    long it took, so that a long silent wait is never mistaken for a hang. Rank 0 prints under torchrun."""
+    from transfer.engine.ranks import env_rank
+
+    main = env_rank() == 0
+    if main:
+        log.info(f"{what} …")
+    start = time.perf_counter()
+    yield
+    if main:
+        log.info(f"{what}: done in {time.perf_counter() - start:.1f} s")
 
 
 class RunLogger:

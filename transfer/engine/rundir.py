@@ -35,7 +35,7 @@ OWN_PATTERNS = ("events.out.tfevents.*", f".*{TMP_SUFFIX}")
 
 log = logging.getLogger("cktf")
 
-__all__ = ["MARKER", "RunDir", "clear_own_files", "is_own_run", "prepare_run_dir", "run_path",
+__all__ = ["MARKER", "RunDir", "clear_own_files", "is_own_run", "last_opened_run", "prepare_run_dir", "run_path",
            "write_json", "write_text_atomic"]
 
 
@@ -124,6 +124,14 @@ def _mark(path: Path) -> None:
                       + "\n")
 
 
+_OPENED: list[Path] = []
+
+
+def last_opened_run() -> RunDir | None:
+    """The run directory this process opened last (what an interrupt left behind), if any."""
+    return RunDir(_OPENED[-1]) if _OPENED else None
+
+
 def prepare_run_dir(path: str | os.PathLike, *, resume: bool, overwrite: bool, option: str = "log.name") -> RunDir:
     """Create, reopen (``resume``) or clear (``overwrite``) the run directory ``path``.
 
@@ -139,6 +147,7 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool, overwrite: bool, o
     if resume and overwrite:
         raise CKTFError("--resume and --overwrite exclude each other")
     run = RunDir(Path(path))
+    _OPENED[:] = [run.path]
     why = _protected(run.path)
     if why is not None:
         raise CKTFError(f"run directory {run.path} ({option}) {why}; cktf writes a run into a directory of its own")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from transfer import __version__
 from transfer.config import DataConfig, config_to_dict, dump_config, read_yaml_mapping
+from transfer.config.schema import available_cpus
 from transfer.data import build_dataset
 from transfer.data.batch_augment import BatchTransform, build_batch_transform
 from transfer.data.indexed import IndexedSubset, holdout_split
@@ -33,6 +36,8 @@ from transfer.engine.runtime import derive_seed
 from transfer.engine.task import Task
 from transfer.engine.trainer import Engine
 from transfer.errors import CKTFError
+
+log = logging.getLogger("cktf")
 
 # Keys that may differ between an interrupted run and its --resume (they do not change the result).
 RESUME_MAY_CHANGE = ("train.threads", "train.device", "data.root", "data.num_workers", "train.eval_batch_size",
@@ -127,6 +132,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
     """
     workers: dict[str, Any] = {}
     world, rank = distributed.world_size(), distributed.rank()
+    _check_worker_count(num_workers)
     if num_workers > 0:
         workers = {"persistent_workers": not (train and random_items), "prefetch_factor": 4}
         if world > 1:
@@ -150,6 +156,20 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
     )
     loader.random_items = random_items
     return loader
+
+
+def _check_worker_count(num_workers: int) -> None:
+    """One line of cktf's when ``data.num_workers`` exceeds the CPUs this process may use (instead of torch's
+    warning once per loader)."""
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+    cpus = available_cpus()
+    if num_workers > cpus and num_workers not in _WARNED_WORKERS:
+        _WARNED_WORKERS.add(num_workers)
+        log.warning(f"data.num_workers {num_workers} is more than the {cpus} CPU(s) this process may use, which "
+                    "slows loading down; --data.num_workers auto picks a number that fits")
+
+
+_WARNED_WORKERS: set[int] = set()
 
 
 def _reseed_worker(rank: int, worker_id: int) -> None:

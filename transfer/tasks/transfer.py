@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transfer.engine.frozen import freeze
+from transfer.engine.logger import phase as logged_phase
 from transfer.engine.task import StepOutput, Task
 from transfer.errors import CKTFError
 from transfer.losses.terms import InitPhase, TransferBatch
@@ -93,7 +94,8 @@ class TransferTask(Task):
         try:
             for name, term in self.terms.items():
                 if term.needs.init_phase:
-                    term.init_phase(phase)
+                    with logged_phase(f"loss.terms.{name}: initialisation phase ({len(eval_loader.dataset)} images)"):
+                        term.init_phase(phase)
                     ran.append(name)
         finally:
             self.train(was_training)
