@@ -283,7 +283,8 @@ def test_more_workers_than_cpus_is_one_line_of_cktf_not_torchs_warning_per_loade
     data = TensorDataset(torch.zeros(8, 1))
     with caplog.at_level(logging.WARNING, logger="cktf"):
         for train in (True, False):
-            iter(common.make_loader(data, 4, train=train, num_workers=many, device=torch.device("cpu")))._shutdown_workers()
+            loader = common.make_loader(data, 4, train=train, num_workers=many, device=torch.device("cpu"))
+            iter(loader)._shutdown_workers()
     ours = [r.getMessage() for r in caplog.records if f"data.num_workers {many}" in r.getMessage()]
     assert len(ours) == 1 and "--data.num_workers auto" in ours[0]
     assert not [w for w in recwarn if "worker processes in total" in str(w.message)]
