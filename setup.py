@@ -12,9 +12,9 @@ from setuptools import find_packages, setup
 # The example configs (configs/<folder>/*.yaml) install as package data under transfer/configs/, so an installed
 # cktf can run `--config image_folder/cktf.yaml` from anywhere (transfer/config/shipped.py).
 HERE = Path(__file__).resolve().parent
-CONFIG_FOLDERS = sorted(p.name for p in (HERE / "configs").iterdir() if p.is_dir())
-CONFIG_PACKAGES = {"transfer.configs": "configs", **{f"transfer.configs.{name}": f"configs/{name}"
-                                                     for name in CONFIG_FOLDERS}}
+CONFIG_FOLDERS = sorted(p.relative_to(HERE).as_posix() for p in (HERE / "configs").rglob("*") if p.is_dir())
+CONFIG_PACKAGES = {"transfer.configs": "configs", **{"transfer." + folder.replace("/", "."): folder
+                                                     for folder in CONFIG_FOLDERS}}
 
 FAISS_GPU = os.environ.get("CKTF_FAISS", "cpu").lower() == "gpu"
 

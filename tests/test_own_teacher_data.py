@@ -146,6 +146,7 @@ def test_an_installed_cktf_runs_its_shipped_configs_from_anywhere(setup, tmp_pat
     assert where.startswith(str(tmp_path / "site"))
     listed = cktf("configs")
     assert listed.returncode == 0 and "image_folder/cktf.yaml" in listed.stdout.split()
+    assert "overlap/overlap_60/cktf_kd.yaml" in listed.stdout.split()  # nested folders ship too
     args = transfer_args(setup, "installed")
     args[args.index("--config") + 1] = "image_folder/cktf.yaml"
     done = cktf(*args)
