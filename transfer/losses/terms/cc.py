@@ -87,6 +87,8 @@ class CorrelationCongruenceTerm(LossTerm):
     Options = CCOptions
     paper = ("Correlation Congruence for Knowledge Distillation (Peng, Jin, Liu, Zhou, Wu, Liu, Li, Zhang, "
              "ICCV 2019, arXiv 1904.01802)")
+    repdistiller = ("variant repdistiller with embed_dim 128 (Correlation through LinearEmbed, a different quantity "
+                    "from the default paper variant; its β = 0.02)")
 
     @classmethod
     def declare(cls, options: CCOptions, nce: NCEConfig) -> Needs:

@@ -88,6 +88,7 @@ class FSPTerm(LossTerm):
     Options = FSPOptions
     paper = ("Yim, Joo, Bae, Kim, A Gift from Knowledge Distillation: Fast Optimization, Network Minimization "
              "and Transfer Learning (CVPR 2017)")
+    repdistiller = "equal with main_loop false (FSP acts in the init phase only; β multiplies nothing)"
 
     @classmethod
     def declare(cls, options: FSPOptions, nce: NCEConfig) -> Needs:

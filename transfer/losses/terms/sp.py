@@ -63,6 +63,7 @@ class SimilarityPreservingTerm(LossTerm):
 
     Options = SPOptions
     paper = "Similarity-Preserving Knowledge Distillation (Tung, Mori, ICCV 2019, arXiv 1907.09682)"
+    repdistiller = "equal (Similarity, last stage); no variant"
 
     @classmethod
     def declare(cls, options: SPOptions, nce: NCEConfig) -> Needs:
