@@ -34,7 +34,8 @@ def context(width: int = 8) -> TermContext:
 
 def taps(seed: int, scale: float, width: int = 8) -> TapOutputs:
     return TapOutputs(stem=rand(6, 4, 8, 8, seed=seed, scale=scale),
-                      stages=[rand(6, 4, 8, 8, seed=seed + 1, scale=scale), rand(6, 6, 4, 4, seed=seed + 2, scale=scale)],
+                      stages=[rand(6, 4, 8, 8, seed=seed + 1, scale=scale),
+                              rand(6, 6, 4, 4, seed=seed + 2, scale=scale)],
                       penultimate=rand(6, width, seed=seed + 3, scale=scale), logits=rand(6, 3, seed=seed + 4))
 
 

@@ -524,7 +524,8 @@ def test_ft_init_phase_is_repdistillers_paraphraser_pre_training():
             for p, g, m in zip(params, grads, momenta, strict=True):
                 m.mul_(0.9).add_(g + 5e-4 * p)
                 p.sub_(0.01 * m)
-    for ours, ref in zip(ft.paraphraser.parameters(), params, strict=True):
+    for ours, ref, first in zip(ft.paraphraser.parameters(), params, start, strict=True):
+        assert (ref - first).abs().max() > 1e-6  # the steps moved every parameter
         assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-13)
     assert not any(p.requires_grad for p in ft.paraphraser.parameters())  # fixed in the main loop
     assert all(torch.equal(v, translator[key]) for key, v in ft.translator.state_dict().items())

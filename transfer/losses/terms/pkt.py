@@ -15,8 +15,8 @@ guards the logarithm as there). The kernel needs no matching widths: student and
 
 **Variants** (``variant``): ``paper`` is the above. ``repdistiller`` is RepDistiller's ``PKT``: vectors divided by
 ``‖x‖ + ε``, the self-similarity kept in each row's normalisation and in the sum, and the mean taken over all
-``B²`` entries — larger than the paper variant by 50-80 % at B = 5, ~21 % at B = 16, ~5 % at B = 64 on random
-vectors; its β = 30000 was tuned for this variant.
+``B²`` entries; the paper variant is larger than it by 50-80 % at B = 5, ~21 % at B = 16, ~5 % at B = 64 on
+random vectors. Its β = 30000 was tuned for this variant.
 """
 
 from __future__ import annotations
