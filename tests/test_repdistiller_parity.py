@@ -22,7 +22,7 @@ import copy
 import math
 import re
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
@@ -33,9 +33,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transfer.config import LossConfig
+from transfer.engine.rundir import RunDir
+from transfer.errors import CKTFError
 from transfer.losses.terms import TERMS, InitPhase, TermContext, TransferBatch, build_terms
 from transfer.losses.terms.listing import describe_terms
 from transfer.models import TapOutputs
+from transfer.stages.common import write_run_config
 
 B = 8
 STEM = (4, 8, 8)
@@ -625,6 +628,24 @@ def test_cktf_methods_shows_each_terms_variant_and_its_relation_to_repdistiller(
             assert "[default: paper]" in block.split(f"--loss.terms.{name}.variant")[1]
         else:
             assert ".variant" not in block and ("equal" in block)
+
+
+@dataclass
+class SavedLoss:
+    loss: dict
+
+
+@pytest.mark.parametrize("name", WITH_VARIANT)
+def test_a_run_saved_before_the_variants_resumes_as_variant_paper(tmp_path, name):
+    """Its config.yaml has no ``variant``: it computed the paper form, so resuming that is accepted and
+    resuming as ``repdistiller`` (the configs' new choice) is refused, naming the key."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"loss": {"terms": {name: {"weight": 1.0}}}}))
+    write_run_config(RunDir(tmp_path), SavedLoss({"terms": {name: {"weight": 1.0, "variant": "paper"}}}),
+                     resume=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"loss": {"terms": {name: {"weight": 1.0}}}}))
+    with pytest.raises(CKTFError, match=f"loss.terms.{name}.variant \\('paper' -> 'repdistiller'\\)"):
+        write_run_config(RunDir(tmp_path), SavedLoss({"terms": {name: {"weight": 1.0, "variant": "repdistiller"}}}),
+                         resume=True)
 
 
 PAPER = [("at", "paper-p2"), ("at", "paper-p3"), ("cc", "paper"), ("rkd", "paper"), ("pkt", "paper"),
