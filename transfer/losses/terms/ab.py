@@ -28,9 +28,10 @@ initialisation) + BatchNorm. Both need equal spatial sizes (RepDistiller's strid
 here are stage outputs (after the block's ReLU for the ResNets). Tapping the pre-ReLU node instead is not
 possible with the feature taps: the blocks apply their ReLU in place, so the tapped sum already holds the
 post-ReLU values, and the stage taps are shared with every other term (CKTF's included). On the teacher side
-this is the same boundary (ReLU(x) > 0 ⟺ x > 0); on the student side the connector (or, with an identity
-connector, the loss itself) sees post-ReLU maps, so the margin on the inactive side cannot be met: there the
-loss stops at μ² per element with zero gradient once the pre-activation is ≤ 0.
+this is the same boundary (ReLU(x) > 0 ⟺ x > 0); on the student side the connector sees post-ReLU maps. A
+convolution + BatchNorm connector can still move a response below 0; the identity connector (``repdistiller``,
+equal shapes) cannot, so there the margin on the inactive side is never met: the loss stays at μ² per such
+element, with zero gradient once the student's pre-activation is ≤ 0.
 """
 
 from __future__ import annotations
