@@ -34,9 +34,10 @@ class KDLoss(nn.Module):
                             f"classes (shape {tuple(student_logits.shape)}), teacher has "
                             f"{teacher_logits.shape[-1]} (shape {tuple(teacher_logits.shape)})")
         rho = self.temperature
+        wide = torch.promote_types(student_logits.dtype, torch.float32)  # fp32, or fp64 kept (parity tests)
         with torch.autocast(device_type=student_logits.device.type, enabled=False):
-            log_p_s = F.log_softmax(student_logits.float() / rho, dim=1)
-            log_p_t = F.log_softmax(teacher_logits.detach().float() / rho, dim=1)
+            log_p_s = F.log_softmax(student_logits.to(wide) / rho, dim=1)
+            log_p_t = F.log_softmax(teacher_logits.detach().to(wide) / rho, dim=1)
             return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * rho**2
 
     def extra_repr(self) -> str:

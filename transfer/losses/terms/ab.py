@@ -12,19 +12,32 @@ authors' and RepDistiller's code) w_i = 2^(i − n + 1) over the n transferred s
 scale = 3/1000. Since the two hinge terms are exclusive per element, this equals
 ``(r + μ)²·[r > −μ ∧ T ≤ 0] + (r − μ)²·[r ≤ μ ∧ T > 0]``.
 
-**Init phase** (the paper's: AB initialises the student): for ``init_epochs`` epochs the student and the
-connectors minimise L_AB alone, SGD lr ``init_lr`` (:func:`transfer.losses.init_training.pretrain`). In the
-main loop the term keeps L_AB (``main_loop true``, needed when the transfer has no other signal, γ = 0); with
-``main_loop false`` it contributes 0 afterwards, as RepDistiller, whose main loop trains on CE/KD alone.
+**Which weights act when.** Init phase (the paper's: AB initialises the student): for ``init_epochs`` epochs
+the student and the connectors minimise L_AB alone (its layer weights w_i and ``scale`` act; β does not), SGD lr
+``init_lr`` (:func:`transfer.losses.init_training.pretrain`). Main loop: with ``main_loop true`` (the default,
+needed when the transfer has no other signal, γ = 0) β·L_AB stays in the objective and the main optimizer keeps
+training the connectors; with ``main_loop false`` the term contributes 0 and β multiplies nothing, as in
+RepDistiller, whose main loop trains on CE/KD (here: the other terms) alone and never updates the connectors.
 
-**Departure from the paper**: the paper reads pre-ReLU responses; the taps here are stage outputs (after the
-block's ReLU for the ResNets). On the teacher side this is the same boundary (ReLU(x) > 0 ⟺ x > 0); on the
-student side the connector sees post-ReLU maps.
+**Variants** (``variant``, the connector rule): ``paper`` puts a connector (1×1 convolution without bias +
+BatchNorm, He-initialised) on every stage; ``repdistiller`` is RepDistiller's ``Connector``: none (the identity)
+where the student and teacher maps have the same shape, else a 1×1 convolution with bias (PyTorch's default
+initialisation) + BatchNorm. Both need equal spatial sizes (RepDistiller's strided connectors are not offered).
+
+**Pre-ReLU responses: not offered.** The paper and RepDistiller read pre-ReLU responses on both sides; the taps
+here are stage outputs (after the block's ReLU for the ResNets). Tapping the pre-ReLU node instead is not
+possible with the feature taps: the blocks apply their ReLU in place, so the tapped sum already holds the
+post-ReLU values, and the stage taps are shared with every other term (CKTF's included). On the teacher side
+this is the same boundary (ReLU(x) > 0 ⟺ x > 0); on the student side the connector sees post-ReLU maps. A
+convolution + BatchNorm connector can still move a response below 0; the identity connector (``repdistiller``,
+equal shapes) cannot, so there the margin on the inactive side is never met: the loss stays at μ² per such
+element, with zero gradient once the student's pre-activation is ≤ 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +59,8 @@ KEY = "loss.terms.ab"
 class ABOptions(TermOptions):
     """Options of ``loss.terms.ab``."""
 
-    weight: float = option(1.0, help="β: weight of the activation-boundary loss (RepDistiller -b 1)", min=0.0)
+    weight: float = option(1.0, help="β: weight of the activation-boundary loss in the main loop (RepDistiller "
+                           "-b 1, which multiplies nothing there: its main loop has no AB loss)", min=0.0)
     margin: float = option(1.0, help="μ: margin of the squared hinge on the connector's response", min=0.0)
     stages: list[int] | None = option(None, help="1-based stage numbers to transfer, paired student i with "
                                       "teacher i (null: every stage, the ends of the paper's layer groups)", min=1)
@@ -58,6 +72,9 @@ class ABOptions(TermOptions):
                               "AB loss alone (RepDistiller: 30 of a 240-epoch schedule; 0: no init phase)", min=0)
     init_lr: float = option(0.05, help="SGD learning rate of the init phase (momentum 0.9, weight decay 5e-4)",
                             min=0.0)
+    variant: Literal["paper", "repdistiller"] = option(
+        "paper", help="connector rule. paper: 1×1 conv (no bias) + BatchNorm on every stage; repdistiller: none "
+        "where student and teacher maps have one shape, else 1×1 conv with bias + BatchNorm (RepDistiller's)")
 
     def validate(self) -> None:
         check_distinct_stages(self.stages, f"{KEY}.stages")
@@ -87,6 +104,13 @@ def connector(s_channels: int, t_channels: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.BatchNorm2d(t_channels))
 
 
+def repdistiller_connector(s_channels: int, t_channels: int) -> nn.Module:
+    """RepDistiller's rule for maps of one spatial size: the identity for equal widths, else 1×1 conv (bias) + BN."""
+    if s_channels == t_channels:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(s_channels, t_channels, kernel_size=1), nn.BatchNorm2d(t_channels))
+
+
 @register_term("ab")
 class ActivationBoundaryTerm(LossTerm):
     """AB: squared hinge on connector(student stage) against the teacher's activation boundaries (Heo et al.)."""
@@ -94,6 +118,8 @@ class ActivationBoundaryTerm(LossTerm):
     Options = ABOptions
     paper = ("Heo, Lee, Yun, Choi, Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden "
              "Neurons (AAAI 2019, arXiv 1811.03233)")
+    repdistiller = ("variant repdistiller (its connector rule) with main_loop false (AB acts in the init phase only); "
+                    "its pre-ReLU taps are not offered")
 
     @classmethod
     def declare(cls, options: ABOptions, nce: NCEConfig) -> Needs:
@@ -112,7 +138,8 @@ class ActivationBoundaryTerm(LossTerm):
                                     f"{tuple(t)}; AB's 1×1 connector needs one spatial size, choose other stages")
         n = len(self.stages)
         self.layer_weights = [2.0 ** (k - n + 1) for k in range(n)]
-        self.connectors = nn.ModuleList(connector(s_channels[i], t_channels[i]) for i in self.stages)
+        make = repdistiller_connector if options.variant == "repdistiller" else connector
+        self.connectors = nn.ModuleList(make(s_channels[i], t_channels[i]) for i in self.stages)
         self.register_buffer("init_loss", torch.zeros(options.init_epochs))
 
     def losses(self, batch: TransferBatch) -> dict[str, torch.Tensor]:

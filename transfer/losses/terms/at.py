@@ -12,11 +12,17 @@ RepDistiller (CRD's code, on which the CKTF code builds) uses weight 1000 on thi
 channel sum is taken as a mean (the normalisation cancels the factor C). Every student stage pairs with the
 same teacher stage (``same_stage_count``); when their spatial sizes differ the larger map is average-pooled to
 the smaller size first, as RepDistiller does (the paper pairs maps of one size).
+
+**Variants** (``variant``): ``paper`` raises the absolute value, ``|A_c|^p``; ``repdistiller`` the signed value,
+``A_c^p``, as RepDistiller's ``Attention``. They agree for even p (the default p = 2, for which its β = 1000 was
+tuned) and on non-negative (post-ReLU) maps; for odd p on signed maps they differ, and for a non-integer p the
+signed power of a negative activation is NaN (as in RepDistiller).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +46,20 @@ class ATOptions(TermOptions):
                            "with β = 1000 is 500)", min=0.0)
     p: float = option(2.0, help="exponent of the attention map Σ_c |A_c|^p (the paper uses 2; below 1 the "
                       "gradient at the zeros of ReLU maps is infinite)", min=1.0)
+    variant: Literal["paper", "repdistiller"] = option(
+        "paper", help="paper: Σ_c |A_c|^p; repdistiller: the signed Σ_c A_c^p of RepDistiller (equal for even p "
+        "and for non-negative maps)")
 
 
-def attention_map(features: torch.Tensor, p: float) -> torch.Tensor:
-    """``[B, C, H, W]`` → ``[B, H·W]``: ``mean_c |A_c|^p`` per position, L2-normalised per sample, fp32."""
-    q = fp32(features).abs().pow(p).mean(dim=1).flatten(1)
+def attention_map(features: torch.Tensor, p: float, signed: bool = False) -> torch.Tensor:
+    """``[B, C, H, W]`` → ``[B, H·W]``: ``mean_c |A_c|^p`` (``signed``: ``mean_c A_c^p``) per position,
+    L2-normalised per sample, fp32."""
+    x = fp32(features)
+    q = (x if signed else x.abs()).pow(p).mean(dim=1).flatten(1)
     return F.normalize(q, dim=1)
 
 
-def attention_loss(student: torch.Tensor, teacher: torch.Tensor, p: float) -> torch.Tensor:
+def attention_loss(student: torch.Tensor, teacher: torch.Tensor, p: float, signed: bool = False) -> torch.Tensor:
     """``mean (q_S − q_T)²`` of one stage pair, the larger map average-pooled to the smaller spatial size."""
     hs, ws = student.shape[-2:]
     ht, wt = teacher.shape[-2:]
@@ -57,7 +68,7 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, p: float) -> to
         student = F.adaptive_avg_pool2d(student, size)
     if (ht, wt) != size:
         teacher = F.adaptive_avg_pool2d(teacher, size)
-    return (attention_map(student, p) - attention_map(teacher.detach(), p)).pow(2).mean()
+    return (attention_map(student, p, signed) - attention_map(teacher.detach(), p, signed)).pow(2).mean()
 
 
 def _check_maps(ctx: TermContext) -> None:
@@ -79,6 +90,7 @@ class AttentionTransferTerm(LossTerm):
     Options = ATOptions
     paper = ("Paying More Attention to Attention: Improving the Performance of Convolutional Neural Networks via "
              "Attention Transfer (Zagoruyko, Komodakis, ICLR 2017, arXiv 1612.03928)")
+    repdistiller = "variant repdistiller (the signed power); the default paper variant equals it for even p"
 
     @classmethod
     def declare(cls, options: ATOptions, nce: NCEConfig) -> Needs:
@@ -89,6 +101,6 @@ class AttentionTransferTerm(LossTerm):
         _check_maps(ctx)
 
     def forward(self, batch: TransferBatch) -> dict[str, torch.Tensor]:
-        p = self.options.p
-        return {f"at/stage{i + 1}": attention_loss(s, t, p)
+        p, signed = self.options.p, self.options.variant == "repdistiller"
+        return {f"at/stage{i + 1}": attention_loss(s, t, p, signed)
                 for i, (s, t) in enumerate(zip(batch.student.stages, batch.teacher.stages, strict=True))}

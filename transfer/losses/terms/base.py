@@ -173,9 +173,10 @@ class LossTerm(nn.Module):
     """One weighted term of the transfer objective.
 
     Subclasses set ``Options`` (a :class:`TermOptions` dataclass) and ``paper`` (the reference shown by
-    ``cktf methods``), override :meth:`declare` when they need more than the batch's taps, and implement
-    :meth:`forward`. ``forward`` returns *unweighted* named losses; the task sums them, multiplies by the
-    term's weight and logs each as ``train/<key>``.
+    ``cktf methods``; a companion method also ``repdistiller``: whether it equals RepDistiller's code, the CKTF
+    paper's Table 2 implementation, or which ``variant`` does), override :meth:`declare` when they need more
+    than the batch's taps, and implement :meth:`forward`. ``forward`` returns *unweighted* named losses; the
+    task sums them, multiplies by the term's weight and logs each as ``train/<key>``.
 
     Args:
         options: the validated options of this term (``loss.terms.<name>``).
@@ -184,6 +185,7 @@ class LossTerm(nn.Module):
 
     Options: ClassVar[type[TermOptions]] = TermOptions
     paper: ClassVar[str] = ""
+    repdistiller: ClassVar[str] = ""  # how the term relates to RepDistiller's code (shown by cktf methods)
     name: ClassVar[str] = ""  # set by register_term
 
     def __init__(self, options: TermOptions, ctx: TermContext) -> None:

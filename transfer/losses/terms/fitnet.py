@@ -101,6 +101,7 @@ class FitNetTerm(LossTerm):
     Options = FitNetOptions
     paper = ("FitNets: Hints for Thin Deep Nets (Romero, Ballas, Kahou, Chassang, Gatta, Bengio, ICLR 2015, "
              "arXiv 1412.6550)")
+    repdistiller = "equal (HintLoss through ConvReg); no variant. RepDistiller has no hint pre-training: init_epochs 0"
 
     @classmethod
     def declare(cls, options: FitNetOptions, nce: NCEConfig) -> Needs:

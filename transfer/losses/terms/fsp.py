@@ -10,13 +10,16 @@ and its leaving map is its output, so student and teacher must have the same wid
 transferred stage. When the two ends differ in spatial size (a stride-2 stage), the larger map is average-pooled
 to the smaller (as RepDistiller).
 
-**Init phase** (the paper's stage 1): for ``init_epochs`` epochs the student minimises L_FSP alone, SGD lr
-``init_lr``. The paper then trains on the main task only (stage 2), as RepDistiller; here the term keeps L_FSP in
-the main loop by default (``main_loop true``: the transfer has no labels, γ = 0), and ``main_loop false``
-contributes 0 after the init phase.
+**Which weights act when.** Init phase (the paper's stage 1): for ``init_epochs`` epochs the student minimises
+L_FSP alone, unweighted (β does not act), SGD lr ``init_lr``. The paper then trains on the main task only
+(stage 2), as RepDistiller, whose main loop has no FSP loss: its β = 50 (``-b 50``) multiplies nothing, so
+RepDistiller's FSP is this term with ``main_loop false``. Here the term keeps β·L_FSP in the main loop by default
+(``main_loop true``: the transfer has no labels, γ = 0, and needs a signal), and ``main_loop false`` contributes
+0 after the init phase.
 
-**Departure**: ``reduction mean`` (the default) averages over the m·n entries of each matrix, as RepDistiller,
-so its weight (β = 50 in its scripts) applies; ``reduction sum`` is the paper's squared norm.
+``reduction mean`` (the default) averages over the m·n entries of each matrix, as RepDistiller (equal to it
+within float64 rounding); ``reduction sum`` is the paper's squared norm. The matrices are computed in fp32 with
+autocast off.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from transfer.config.loader import option
 from transfer.errors import CKTFError
 from transfer.losses.init_training import pretrain
 from transfer.losses.terms.base import InitPhase, LossTerm, Needs, TermContext, TermOptions, TransferBatch
-from transfer.losses.terms.map_pairs import check_distinct_stages, fp32
+from transfer.losses.terms.map_pairs import check_distinct_stages, fp32, full_precision
 from transfer.losses.terms.registry import register_term
 from transfer.models.taps import TapOutputs
 
@@ -44,7 +47,8 @@ KEY = "loss.terms.fsp"
 class FSPOptions(TermOptions):
     """Options of ``loss.terms.fsp``."""
 
-    weight: float = option(50.0, help="β: weight of the FSP loss (RepDistiller's scripts: -b 50)", min=0.0)
+    weight: float = option(50.0, help="β: weight of the FSP loss in the main loop (RepDistiller's scripts: -b 50, "
+                           "which multiplies nothing there: its main loop has no FSP loss)", min=0.0)
     stages: list[int] | None = option(None, help="1-based stages whose FSP matrix (stage input × stage output) "
                                       "is matched (null: every stage)", min=1)
     reduction: Literal["mean", "sum"] = option(
@@ -61,12 +65,16 @@ class FSPOptions(TermOptions):
 
 
 def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """``[B, m, n]`` FSP matrices of ``bottom`` [B, m, h, w] and ``top`` [B, n, h', w'] (larger map pooled)."""
+    """``[B, m, n]`` FSP matrices of ``bottom`` [B, m, h, w] and ``top`` [B, n, h', w'] (larger map pooled), fp32.
+
+    Autocast is off: the sum over h·w can overflow fp16 before the division.
+    """
     bottom, top = fp32(bottom), fp32(top)
-    if bottom.shape[2:] != top.shape[2:]:
-        size = min(bottom.shape[2], top.shape[2]), min(bottom.shape[3], top.shape[3])
-        bottom, top = F.adaptive_avg_pool2d(bottom, size), F.adaptive_avg_pool2d(top, size)
-    return torch.einsum("bihw,bjhw->bij", bottom, top) / (bottom.shape[2] * bottom.shape[3])
+    with full_precision(bottom):
+        if bottom.shape[2:] != top.shape[2:]:
+            size = min(bottom.shape[2], top.shape[2]), min(bottom.shape[3], top.shape[3])
+            bottom, top = F.adaptive_avg_pool2d(bottom, size), F.adaptive_avg_pool2d(top, size)
+        return torch.einsum("bihw,bjhw->bij", bottom, top) / (bottom.shape[2] * bottom.shape[3])
 
 
 def _section(taps: TapOutputs, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +88,7 @@ class FSPTerm(LossTerm):
     Options = FSPOptions
     paper = ("Yim, Joo, Bae, Kim, A Gift from Knowledge Distillation: Fast Optimization, Network Minimization "
              "and Transfer Learning (CVPR 2017)")
+    repdistiller = "equal with main_loop false (FSP acts in the init phase only; β multiplies nothing)"
 
     @classmethod
     def declare(cls, options: FSPOptions, nce: NCEConfig) -> Needs:

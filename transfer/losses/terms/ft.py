@@ -15,10 +15,15 @@ stage maps differ in spatial size, the larger factor is average-pooled to the sm
 (RepDistiller: 0.01 for ResNet/WRN students) on the paraphraser only; the paraphraser then stays fixed (its
 weights are saved with the term, so ``--resume`` keeps them, but the main optimizer never sees them).
 
-**Departures**: ``reduction mean`` (the default) divides the paper's p-norm by D so that the usual β = 200 of
-RepDistiller's scripts applies (RepDistiller itself reduces each factor to a channel-mean of squares before the
-mean; here the whole factor is normalised, as the paper); ``reduction sum`` is the paper's norm. With ``p 2``
-the loss is the squared L2 distance.
+**Variants** (``variant``): ``paper`` normalises the whole flattened factor, as above; ``reduction mean`` (its
+default) divides the paper's p-norm by D, ``reduction sum`` is the paper's norm, and with ``p 2`` the loss is
+the squared L2 distance. ``repdistiller`` is RepDistiller's ``FactorTransfer``, for which its β = 200 was tuned:
+each factor is first reduced to its channel-mean of squares per position, ``a = mean_c F_c²`` (an attention map,
+``[B, H·W]``), L2-normalised per sample, and the loss is ``mean_{b,x} |a_T − a_S|^p`` (``reduction`` does not
+apply). The two differ by 2.5-64 % on identical factors, not by a constant factor.
+
+**Weights**: the main optimizer trains the translator (with the student); the paraphraser is trained only in
+the init phase (on the reconstruction loss, unweighted) and is fixed in the main loop, where β weighs L_FT.
 """
 
 from __future__ import annotations
@@ -46,12 +51,16 @@ KEY = "loss.terms.ft"
 class FTOptions(TermOptions):
     """Options of ``loss.terms.ft``."""
 
-    weight: float = option(200.0, help="β: weight of the factor loss (RepDistiller's scripts: -b 200)", min=0.0)
+    weight: float = option(200.0, help="β: weight of the factor loss (RepDistiller's scripts: -b 200, tuned for "
+                           "variant repdistiller)", min=0.0)
     rate: float = option(0.5, help="k: paraphrase rate, the factor has int(k·C_T) channels (the paper: 0.5)",
                          min=1e-3)
     p: int = option(1, help="norm of the factor distance: 1 (the paper) or 2 (squared L2)", min=1, max=2)
     reduction: Literal["mean", "sum"] = option(
-        "mean", help="per sample: mean over the D factor values (scale of RepDistiller's β) or sum (the paper's norm)")
+        "mean", help="variant paper, per sample: mean over the D factor values or sum (the paper's norm)")
+    variant: Literal["paper", "repdistiller"] = option(
+        "paper", help="paper: the whole flattened factor L2-normalised; repdistiller: each factor reduced to its "
+        "normalised channel-mean of squares before the mean |difference|^p, RepDistiller's (its β = 200)")
     stage: int | None = option(None, help="1-based stage of both networks whose maps are paraphrased/translated "
                                "(null: each network's last stage, the paper's)", min=1)
     init_epochs: int = option(2, help="epochs of the init phase training the paraphraser to reconstruct the "
@@ -90,12 +99,19 @@ def translator(channels: int, factor: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def factor_distance(f_s: torch.Tensor, f_t: torch.Tensor, p: int, reduction: str) -> torch.Tensor:
-    """Batch mean of ‖F_T/‖F_T‖ − F_S/‖F_S‖‖_p^p per sample (÷ D for ``mean``); the larger map is pooled."""
+def factor_distance(f_s: torch.Tensor, f_t: torch.Tensor, p: int, reduction: str,
+                    variant: str = "paper") -> torch.Tensor:
+    """Batch mean of ‖F_T/‖F_T‖ − F_S/‖F_S‖‖_p^p per sample (÷ D for ``mean``); the larger map is pooled.
+
+    ``variant repdistiller``: ``mean_{b,x} |a_T − a_S|^p`` of the normalised channel-means of squares ``a``.
+    """
     f_s, f_t = fp32(f_s), fp32(f_t)
     if f_s.shape[2:] != f_t.shape[2:]:
         size = min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3])
         f_s, f_t = F.adaptive_avg_pool2d(f_s, size), F.adaptive_avg_pool2d(f_t, size)
+    if variant == "repdistiller":
+        a_s, a_t = (F.normalize(f.pow(2).mean(1).flatten(1), dim=1) for f in (f_s, f_t))
+        return (a_t - a_s).abs().pow(p).mean()
     diff = F.normalize(f_t.flatten(1), dim=1) - F.normalize(f_s.flatten(1), dim=1)
     per_sample = diff.abs().pow(p).sum(1)
     if reduction == "mean":
@@ -110,6 +126,8 @@ class FactorTransferTerm(LossTerm):
     Options = FTOptions
     paper = ("Kim, Park, Kwak, Paraphrasing Complex Network: Network Compression via Factor Transfer "
              "(NeurIPS 2018, arXiv 1802.04977)")
+    repdistiller = ("variant repdistiller (channel-mean-of-squares factors; the default paper variant normalises the "
+                    "whole factor)")
 
     @classmethod
     def declare(cls, options: FTOptions, nce: NCEConfig) -> Needs:
@@ -139,7 +157,8 @@ class FactorTransferTerm(LossTerm):
         with torch.no_grad():
             f_t = self.paraphraser.encoder(batch.teacher.stages[self.t_index].detach())
         f_s = self.translator(batch.student.stages[self.s_index])
-        return {"ft": factor_distance(f_s, f_t, self.options.p, self.options.reduction)}
+        o = self.options
+        return {"ft": factor_distance(f_s, f_t, o.p, o.reduction, o.variant)}
 
     def init_phase(self, phase: InitPhase) -> None:
         self.paraphraser.train()
@@ -147,7 +166,7 @@ class FactorTransferTerm(LossTerm):
 
         def reconstruction(images: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                t = phase.teacher(images).stages[self.t_index].float()
+                t = fp32(phase.teacher(images).stages[self.t_index])
             return F.mse_loss(self.paraphraser(t), t)
 
         try:

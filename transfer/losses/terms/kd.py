@@ -31,6 +31,7 @@ class KDTerm(LossTerm):
 
     Options = KDOptions
     paper = "Hinton, Vinyals, Dean, Distilling the Knowledge in a Neural Network (arXiv 1503.02531)"
+    repdistiller = "equal (DistillKL); no variant"
 
     @classmethod
     def declare(cls, options: KDOptions, nce: NCEConfig) -> Needs:

@@ -16,6 +16,9 @@ def describe_term(name: str, cls: type[LossTerm]) -> list[str]:
     summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
     needs = cls.declare(cls.Options(), NCEConfig())
     lines = [f"{name}: {summary}", f"  paper: {cls.paper}"]
+    if cls.repdistiller:
+        lines.extend(textwrap.wrap(f"RepDistiller (the paper's Table 2 code): {cls.repdistiller}", WIDTH - 2,
+                                   initial_indent="  ", subsequent_indent="    "))
     taps = ", ".join(needs.taps) or "-"
     flags = ", ".join(needs.flags()) or "-"
     lines.append(f"  reads: {taps}; needs (default options): {flags}")

@@ -60,6 +60,7 @@ class NSTTerm(LossTerm):
     Options = NSTOptions
     paper = ("NST: Huang, Wang, Like What You Like: Knowledge Distill via Neuron Selectivity Transfer "
              "(arXiv 1707.01219, 2017)")
+    repdistiller = "equal (NSTLoss, polynomial kernel d = 2, c = 0); no variant"
 
     @classmethod
     def declare(cls, options: NSTOptions, nce: NCEConfig) -> Needs:

@@ -15,11 +15,17 @@ The paper sums over the sets of distinct pairs and triplets; this term averages 
 the λ). The authors' code averages over all ``B²`` pairs and ``B³`` triplets instead, the degenerate ones
 (repeated indices) adding zeros, i.e. ``(B−1)/B`` and ``(B−1)(B−2)/B²`` times the values here (0.98 and 0.95
 at B = 64). Student and teacher vectors may differ in width (only distances and angles are compared).
+
+**Variants** (``variant``): ``paper`` averages over the distinct pairs and triplets as above; ``repdistiller``
+averages over all ``B²`` pairs and ``B³`` triplets as RepDistiller's ``RKDLoss`` (for which its λ_D = 25,
+λ_A = 50 and β = 1 were tuned): exactly ``(B−1)/B`` times the paper variant's distance loss and
+``(B−1)(B−2)/B²`` times its angle loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +49,9 @@ class RKDOptions(TermOptions):
                                     "(RepDistiller: 25; 0 leaves it out)", min=0.0)
     angle_weight: float = option(50.0, help="λ_A: weight of the angle-wise loss "
                                  "(RepDistiller: 50; 0 leaves it out)", min=0.0)
+    variant: Literal["paper", "repdistiller"] = option(
+        "paper", help="paper: mean over the distinct pairs/triplets; repdistiller: mean over all B² pairs and B³ "
+        "triplets, RepDistiller's ((B−1)/B and (B−1)(B−2)/B² times the paper's)")
 
     def validate(self) -> None:
         if self.distance_weight == 0 and self.angle_weight == 0:
@@ -82,6 +91,8 @@ class RKDTerm(LossTerm):
 
     Options = RKDOptions
     paper = "RKD: Park, Kim, Lu, Cho, Relational Knowledge Distillation (CVPR 2019, arXiv 1904.05068)"
+    repdistiller = ("variant repdistiller (means over all pairs/triplets; the default paper variant is B/(B−1) and "
+                    "B²/((B−1)(B−2)) times it)")
 
     @classmethod
     def declare(cls, options: RKDOptions, nce: NCEConfig) -> Needs:
@@ -99,13 +110,15 @@ class RKDTerm(LossTerm):
 
     def _losses(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         n = len(s)
+        every = self.options.variant == "repdistiller"  # degenerate pairs/triplets add zeros to the mean
         losses = {}
         if self.options.distance_weight > 0:
             if n < 2:
                 losses["rkd/distance"] = s.sum() * 0.0
             else:
                 off = ~torch.eye(n, dtype=torch.bool, device=s.device)
-                loss = huber(distance_potential(s), distance_potential(t))[off].mean()
+                pairs = huber(distance_potential(s), distance_potential(t))
+                loss = pairs.mean() if every else pairs[off].mean()
                 losses["rkd/distance"] = self.options.distance_weight * loss
         if self.options.angle_weight > 0:
             if n < 3:
@@ -113,6 +126,7 @@ class RKDTerm(LossTerm):
             else:
                 eye = torch.eye(n, dtype=torch.bool, device=s.device)
                 distinct = ~(eye.unsqueeze(2) | eye.unsqueeze(1) | eye.unsqueeze(0))  # j≠i, j≠k, i≠k
-                loss = huber(angle_potential(s), angle_potential(t))[distinct].mean()
+                triplets = huber(angle_potential(s), angle_potential(t))
+                loss = triplets.mean() if every else triplets[distinct].mean()
                 losses["rkd/angle"] = self.options.angle_weight * loss
         return losses

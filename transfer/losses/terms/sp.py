@@ -24,7 +24,7 @@ from transfer.config import NCEConfig
 from transfer.config.loader import option
 from transfer.errors import CKTFError
 from transfer.losses.terms.base import LossTerm, Needs, TermContext, TermOptions, TransferBatch
-from transfer.losses.terms.map_pairs import fp32
+from transfer.losses.terms.map_pairs import fp32, full_precision
 from transfer.losses.terms.registry import register_term
 
 KEY = "loss.terms.sp"
@@ -42,9 +42,13 @@ class SPOptions(TermOptions):
 
 
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
-    """``[b, …]`` → the row-normalised ``[b, b]`` Gram matrix ``G̃`` of the flattened features, fp32."""
+    """``[b, …]`` → the row-normalised ``[b, b]`` Gram matrix ``G̃`` of the flattened features, fp32.
+
+    Autocast is off for the product: in fp16 a Gram entry overflows beyond 65504 (e.g. 1000 values of 300).
+    """
     q = fp32(features).flatten(1)
-    return F.normalize(q @ q.t(), dim=1)
+    with full_precision(q):
+        return F.normalize(q @ q.t(), dim=1)
 
 
 def similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -59,6 +63,7 @@ class SimilarityPreservingTerm(LossTerm):
 
     Options = SPOptions
     paper = "Similarity-Preserving Knowledge Distillation (Tung, Mori, ICCV 2019, arXiv 1907.09682)"
+    repdistiller = "equal (Similarity, last stage); no variant"
 
     @classmethod
     def declare(cls, options: SPOptions, nce: NCEConfig) -> Needs:

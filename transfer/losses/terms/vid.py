@@ -84,6 +84,7 @@ class VIDTerm(LossTerm):
     Options = VIDOptions
     paper = ("VID: Ahn, Hu, Damianou, Lawrence, Dai, Variational Information Distillation for Knowledge "
              "Transfer (CVPR 2019, arXiv 1904.05835)")
+    repdistiller = "equal (VIDLoss on every stage); no variant"
 
     @classmethod
     def declare(cls, options: VIDOptions, nce: NCEConfig) -> Needs:
