@@ -190,13 +190,18 @@ def one_error_line(done: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("extra,env,needles", [
-    (("--train.batch_size", "15"), {}, ("train.batch_size 15 is not divisible by the 2",)),
-    (("--train.sync_bn", "true"), {}, ("train.sync_bn needs CUDA",)),
-    ((), {"CKTF_TEST_RANK_ARGS": "1:--train.lr 0.1"}, ("ranks disagree on the resolved config",)),
-], ids=["batch", "sync_bn-cpu", "config-differs"])
-def test_refused_in_one_line_before_the_run_directory(data, tmp_path, extra, env, needles):
-    done = launch([*transfer_args(data, tmp_path, "kd", *extra), "--train.epochs", "1"], **env)
+@pytest.mark.parametrize("config,extra,env,needles", [
+    ("kd", ("--train.batch_size", "15"), {}, ("train.batch_size 15 is not divisible by the 2",)),
+    ("kd", ("--train.sync_bn", "true"), {}, ("train.sync_bn needs CUDA",)),
+    ("kd", (), {"CKTF_TEST_RANK_ARGS": "1:--train.lr 0.1"}, ("ranks disagree on the resolved config",)),
+    # rank 0 alone would build and broadcast a neighbour table: the config check must come before that collective
+    ("crd", ("--sampler.kind", "debiased", "--sampler.shared", "false", "--sampler.k", "2"),
+     {"CKTF_TEST_RANK_ARGS": "1:--sampler.kind uniform", "CKTF_DIST_TIMEOUT": "20"},
+     ("ranks disagree on the resolved config",)),
+], ids=["batch", "sync_bn-cpu", "config-differs", "sampler-kind-differs"])
+def test_refused_in_one_line_before_the_run_directory(data, tmp_path, config, extra, env, needles):
+    done = launch([*transfer_args(data, tmp_path, config, *extra), "--train.epochs", "1", "--sampler.cache_dir",
+                   str(tmp_path / "neighbours")], **env)
     one_error_line(done, *needles)
     assert not (tmp_path / "run").exists()
 
