@@ -7,6 +7,7 @@ subprocess timeout and ``CKTF_DIST_TIMEOUT``, so a hung collective fails the tes
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -178,6 +179,27 @@ def test_one_rank_interrupted_then_resumed_equals_uninterrupted(data, uninterrup
     assert history == want_history
     assert_same(task, want_task)
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def stopped_line(done: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("stopped by SIGTERM")]
+    assert done.returncode != 0 and len(lines) == 1, done.stderr[-3000:]
+    return lines[0]
+
+
+def seen(folder: Path) -> list[dict]:
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_ranks_leave_after_a_slow_checkpoint_is_on_disk(data, tmp_path):
+    """SIGTERM reaches rank 1 at its 5th batch; rank 0 takes 3 s to write every checkpoint (network storage).
+    Both ranks stop at step 5, and each finds that checkpoint on disk when its command ends: no rank leaves
+    while rank 0 is still writing (torchrun would then kill rank 0 mid-write)."""
+    stopped = launch([*transfer_args(data, tmp_path, "kd", "--log.tensorboard", "false"), "--train.epochs", "1"],
+                     CKTF_TEST_SIGNAL="SIGTERM:5:1", CKTF_TEST_SAVE_DELAY="3", CKTF_TEST_SEEN=str(tmp_path / "seen"))
+    assert "epoch 1, batch 5" in stopped_line(stopped)
+    assert seen(tmp_path / "seen") == [{"code": 143, "step": 5, "saved_step": 5}] * 2
+    assert load_checkpoint(tmp_path / "run/last.safetensors").state["progress"]["batches"] == 5
 
 
 def one_error_line(done: subprocess.CompletedProcess, *needles: str) -> str:
