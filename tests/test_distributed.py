@@ -202,6 +202,15 @@ def test_ranks_leave_after_a_slow_checkpoint_is_on_disk(data, tmp_path):
     assert load_checkpoint(tmp_path / "run/last.safetensors").state["progress"]["batches"] == 5
 
 
+def test_a_doubled_sigterm_still_saves(data, tmp_path):
+    """Rank 1 gets SIGTERM twice at once (a scheduler's and torchrun's): within the repeat window the second one
+    is ignored, so both ranks still stop at the same step with the checkpoint written."""
+    stopped = launch([*transfer_args(data, tmp_path, "kd", "--log.tensorboard", "false"), "--train.epochs", "1"],
+                     CKTF_TEST_SIGNAL="SIGTERM:5:1:2", CKTF_TEST_SEEN=str(tmp_path / "seen"))
+    assert "epoch 1, batch 5" in stopped_line(stopped)
+    assert seen(tmp_path / "seen") == [{"code": 143, "step": 5, "saved_step": 5}] * 2
+
+
 def one_error_line(done: subprocess.CompletedProcess, *needles: str) -> str:
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("Error:")]
     assert done.returncode != 0 and len(lines) == 1, done.stderr[-3000:]
