@@ -7,9 +7,12 @@ Usage: ``torchrun --nproc_per_node 2 -m tests.rank_driver transfer --config …`
 * ``CKTF_TEST_SIGNAL=SIGKILL:17:1``: rank 1 sends itself SIGKILL when its 17th batch is loaded
   (``SIGTERM:17:1:2``: two SIGTERMs at once, as a scheduler and torchrun both send one).
 * ``CKTF_TEST_SAVE_DELAY=3``: rank 0 sleeps 3 s before writing each checkpoint (slow storage).
-* ``CKTF_TEST_SEEN=DIR``: when the command ends, write ``DIR/rank<R>.json``: its exit code, the engine's step
-  and the step of ``last.safetensors`` as this rank finds it on disk at that moment.
+* ``CKTF_TEST_SEEN=DIR``: when the command ends, write ``DIR/rank<R>.json``: its exit code, the engine's step,
+  the step of ``last.safetensors`` as this rank finds it on disk at that moment, and every teacher-block choice
+  of the layer mapping (``mappings``).
 * ``CKTF_TEST_NAN_MSE=1:3``: rank 1's 3rd call of ``torch.nn.functional.mse_loss`` returns NaN.
+* ``CKTF_TEST_SIMILARITY_NOISE=1``: the per-batch layer mapping's similarities get seeded noise, different on
+  every rank and call and larger than their gaps (sub-batches that would each pick other blocks).
 * ``CKTF_TEST_RANK_ARGS=1:--train.lr 0.1``: extra arguments for rank 1 only (ranks that disagree).
 * ``CKTF_TEST_COMPARABLE=1``: make one process with batch B comparable to W ranks with B/W each: the student
   without BatchNorm (BatchNorm couples a rank's samples; SyncBatchNorm needs CUDA), no random augmentation, and
@@ -78,7 +81,34 @@ def _nan_mse(spec: str, rank: int) -> None:
     F.mse_loss = mse_loss
 
 
-def _write_seen(folder: str, rank: int, code: int, engines: list) -> None:
+def _record_mappings() -> list:
+    from transfer.losses.layer_mapping import LayerMapper
+
+    choices: list = []
+    forward = LayerMapper.forward
+
+    def recording(self, *args, **kwargs):
+        choice = forward(self, *args, **kwargs)
+        choices.append(list(choice))
+        return choice
+
+    LayerMapper.forward = recording
+    return choices
+
+
+def _similarity_noise(rank: int) -> None:
+    from transfer.losses import layer_mapping
+
+    cosine = layer_mapping.batch_map_cosine
+    generator = torch.Generator().manual_seed(1000 + rank)
+
+    def noisy(student, teacher):
+        return cosine(student, teacher) + 10 * torch.rand((), generator=generator)
+
+    layer_mapping.batch_map_cosine = noisy
+
+
+def _write_seen(folder: str, rank: int, code: int, engines: list, mappings: list) -> None:
     from transfer.engine.checkpoint import load_checkpoint
 
     step = saved = None
@@ -87,7 +117,8 @@ def _write_seen(folder: str, rank: int, code: int, engines: list) -> None:
         last = engines[-1].run.last
         saved = int(load_checkpoint(last).state["step"]) if last.is_file() else None
     Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / f"rank{rank}.json").write_text(json.dumps({"code": code, "step": step, "saved_step": saved}))
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps({"code": code, "step": step, "saved_step": saved,
+                                                               "mappings": mappings}))
 
 
 class AnchorKeyedNegatives(nn.Module):
@@ -138,6 +169,9 @@ def main() -> None:
         _slow_saves(float(os.environ["CKTF_TEST_SAVE_DELAY"]), rank)
     if os.environ.get("CKTF_TEST_NAN_MSE"):
         _nan_mse(os.environ["CKTF_TEST_NAN_MSE"], rank)
+    if os.environ.get("CKTF_TEST_SIMILARITY_NOISE"):
+        _similarity_noise(rank)
+    mappings = _record_mappings() if os.environ.get("CKTF_TEST_SEEN") else []
     from transfer.engine.checkpoint import save_checkpoint
     from transfer.engine.trainer import Engine
 
@@ -158,7 +192,7 @@ def main() -> None:
     except SystemExit as stop:
         code = stop.code or 0
     if os.environ.get("CKTF_TEST_SEEN"):
-        _write_seen(os.environ["CKTF_TEST_SEEN"], rank, code, engines)
+        _write_seen(os.environ["CKTF_TEST_SEEN"], rank, code, engines, mappings)
     dump = os.environ.get("CKTF_TEST_DUMP")
     if dump and code == 0 and engines:
         engine = engines[-1]

@@ -187,8 +187,28 @@ def stopped_line(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def seen(folder: Path) -> list[dict]:
-    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+def seen(folder: Path, mappings: bool = False) -> list[dict]:
+    found = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return found if mappings else [{k: v for k, v in rank.items() if k != "mappings"} for rank in found]
+
+
+def test_per_batch_mapping_picks_the_same_blocks_on_every_rank(data, tmp_path, strategy="smallest"):
+    """CKTF with a resnet14 teacher (two blocks per stage) and per-batch largest/smallest: each rank measures its own
+    sub-batch, but every rank must pair the same teacher blocks at every step. On these tiny untrained networks
+    every sub-batch prefers the same block, so seeded noise that differs per rank (tests/rank_driver.py) stands in
+    for sub-batches that disagree."""
+    code, out = invoke("train-teacher", "--config", str(CONFIGS / "teacher.yaml"), "--data.root",
+                       str(data / "fashion"), "--log.root", str(tmp_path), "--log.name", "teacher14", "--model.name",
+                       "resnet14", "--train.epochs", "0", "--log.tensorboard", "false")
+    assert code == 0, out
+    done = launch([*transfer_args(data, tmp_path / "runs", "cktf", "--log.tensorboard", "false"), "--train.epochs",
+                   "1", "--teacher", str(tmp_path / "teacher14/best.safetensors"), "--loss.terms.mckt.layer_mapping",
+                   strategy, "--loss.terms.mckt.mapping_schedule", "per_batch"], CKTF_TEST_SEEN=str(tmp_path / "seen"),
+                  CKTF_TEST_SIMILARITY_NOISE="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = seen(tmp_path / "seen", mappings=True)
+    assert len(rank0["mappings"]) == 12 and rank0["mappings"] == rank1["mappings"]
+    assert len({tuple(m) for m in rank0["mappings"]}) > 1  # the choice moves, so agreeing is not trivial
 
 
 def test_ranks_leave_after_a_slow_checkpoint_is_on_disk(data, tmp_path):
