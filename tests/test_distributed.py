@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.cli_helpers import invoke
 from tests.data_fixtures import write_fashion_idx
@@ -229,6 +230,47 @@ def test_a_doubled_sigterm_still_saves(data, tmp_path):
                      CKTF_TEST_SIGNAL="SIGTERM:5:1:2", CKTF_TEST_SEEN=str(tmp_path / "seen"))
     assert "epoch 1, batch 5" in stopped_line(stopped)
     assert seen(tmp_path / "seen") == [{"code": 143, "step": 5, "saved_step": 5}] * 2
+
+
+def pretraining_args(data: Path, runs: Path, tmp_path: Path) -> list[str]:
+    """FT's paraphraser and FitNet's hint stage pre-trained for one epoch each, then no main loop (epochs 0: the
+    saved state is what the init phases left, before DDP would broadcast rank 0's weights)."""
+    cfg = yaml.safe_load((CONFIGS / "kd.yaml").read_text())
+    cfg["loss"] = {"method": "ft_fitnet", "terms": {"ft": {"weight": 1.0, "init_epochs": 1},
+                                                    "fitnet": {"weight": 1.0, "init_epochs": 1}}}
+    config = tmp_path / "ft_fitnet.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    args = transfer_args(data, runs, "kd", "--log.tensorboard", "false", "--train.epochs", "0")
+    args[args.index("--config") + 1] = str(config)
+    return args
+
+
+def test_init_phases_train_every_rank_as_one_process(data, tmp_path):
+    """The init phases run before the main loop's DDP wrap: their steps must average gradients across ranks. Both
+    ranks end identical (weights and BatchNorm statistics), and FT's paraphraser (no BatchNorm) equals one process
+    with the global batch; without the sync each rank trained on its own half."""
+    args = pretraining_args(data, tmp_path / "runs", tmp_path)
+    two = launch([*args, "--log.name", "two"], CKTF_TEST_DUMP=str(tmp_path / "two"), CKTF_TEST_COMPARABLE="1")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("loss.terms.ft pre-training: epoch 1/1") == 1
+    rank0, _ = dumped(tmp_path / "two", 0)
+    rank1, _ = dumped(tmp_path / "two", 1)
+    assert_same(rank0, rank1)
+    one = launch([*args, "--log.name", "one"], nproc=0, CKTF_TEST_DUMP=str(tmp_path / "one"), CKTF_TEST_COMPARABLE="1")
+    assert one.returncode == 0, one.stderr[-3000:]
+    single, _ = dumped(tmp_path / "one", 0)
+    paraphraser = [key for key in single if ".paraphraser." in key]
+    assert paraphraser
+    for key in paraphraser:
+        assert torch.allclose(single[key], rank0[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_a_diverging_init_phase_stops_every_rank_in_one_line(data, tmp_path):
+    """Rank 1's pre-training loss turns NaN at its second step: every rank stops with the same line (printed once,
+    by rank 0), instead of rank 1 alone while rank 0 trains on."""
+    done = launch(pretraining_args(data, tmp_path, tmp_path), CKTF_TEST_NAN_MSE="1:2")
+    line = one_error_line(done, ": the pre-training phase diverged at epoch 1", "init_lr")
+    assert "(rank" not in line
 
 
 def one_error_line(done: subprocess.CompletedProcess, *needles: str) -> str:
