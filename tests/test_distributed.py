@@ -212,24 +212,17 @@ def test_per_batch_mapping_picks_the_same_blocks_on_every_rank(data, tmp_path, s
     assert len({tuple(m) for m in rank0["mappings"]}) > 1  # the choice moves, so agreeing is not trivial
 
 
-def test_ranks_leave_after_a_slow_checkpoint_is_on_disk(data, tmp_path):
-    """SIGTERM reaches rank 1 at its 5th batch; rank 0 takes 3 s to write every checkpoint (network storage).
-    Both ranks stop at step 5, and each finds that checkpoint on disk when its command ends: no rank leaves
+def test_a_doubled_sigterm_and_a_slow_checkpoint_still_save_before_any_rank_leaves(data, tmp_path):
+    """Two SIGTERMs reach rank 1 at once at its 5th batch (a scheduler's and torchrun's), and rank 0 takes 3 s to
+    write every checkpoint (network storage). The second signal falls within the repeat window and is ignored;
+    both ranks stop at step 5, and each finds that checkpoint on disk when its command ends: no rank leaves
     while rank 0 is still writing (torchrun would then kill rank 0 mid-write)."""
     stopped = launch([*transfer_args(data, tmp_path, "kd", "--log.tensorboard", "false"), "--train.epochs", "1"],
-                     CKTF_TEST_SIGNAL="SIGTERM:5:1", CKTF_TEST_SAVE_DELAY="3", CKTF_TEST_SEEN=str(tmp_path / "seen"))
+                     CKTF_TEST_SIGNAL="SIGTERM:5:1:2", CKTF_TEST_SAVE_DELAY="3",
+                     CKTF_TEST_SEEN=str(tmp_path / "seen"))
     assert "epoch 1, batch 5" in stopped_line(stopped)
     assert seen(tmp_path / "seen") == [{"code": 143, "step": 5, "saved_step": 5}] * 2
     assert load_checkpoint(tmp_path / "run/last.safetensors").state["progress"]["batches"] == 5
-
-
-def test_a_doubled_sigterm_still_saves(data, tmp_path):
-    """Rank 1 gets SIGTERM twice at once (a scheduler's and torchrun's): within the repeat window the second one
-    is ignored, so both ranks still stop at the same step with the checkpoint written."""
-    stopped = launch([*transfer_args(data, tmp_path, "kd", "--log.tensorboard", "false"), "--train.epochs", "1"],
-                     CKTF_TEST_SIGNAL="SIGTERM:5:1:2", CKTF_TEST_SEEN=str(tmp_path / "seen"))
-    assert "epoch 1, batch 5" in stopped_line(stopped)
-    assert seen(tmp_path / "seen") == [{"code": 143, "step": 5, "saved_step": 5}] * 2
 
 
 def pretraining_args(data: Path, runs: Path, tmp_path: Path) -> list[str]:
