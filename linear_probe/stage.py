@@ -28,7 +28,6 @@ from transfer.data import build_dataset
 from transfer.data.batch_augment import BatchTransform
 from transfer.data.indexed import IndexedSubset, holdout_split
 from transfer.data.transforms import build_transform
-from transfer.engine import distributed
 from transfer.engine.checkpoint import read_metadata
 from transfer.engine.logger import phase
 from transfer.engine.performance import check_runtime, prepare_network
@@ -43,6 +42,7 @@ from transfer.sampling import file_sha256
 from transfer.stages.common import (
     RunRequest,
     extract_features,
+    join_ranks,
     make_loader,
     open_run,
     train_pipeline,
@@ -285,7 +285,7 @@ def probe_metrics(cfg: ProbeConfig, backbone: Backbone, result: FitResult, knn: 
 def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRequest()) -> dict:
     """Probe the backbone described by ``cfg``/``student``; returns the metrics written to metrics.json."""
     set_threads(cfg.train.threads)
-    device = distributed.setup(cfg.train.device)
+    device = join_ranks(cfg)
     check_runtime(device, cfg.train)
     d = cfg.data
     data = probe_data(cfg, student)

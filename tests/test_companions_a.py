@@ -404,7 +404,7 @@ def test_each_config_runs_a_transfer(lowres_fixture, name, cktf):
     assert set(weights) == ({"mckt", "pckt", name} if cktf else {name})
     if name == "fitnet":
         assert "terms.fitnet.regressor.0.weight" in ckpt.state["task"]
-        assert "fitnet hint pre-training epoch 1/1: hint loss" in out  # the init phase ran before epoch 1
+        assert "loss.terms.fitnet pre-training: epoch 1/1  loss" in out  # the init phase ran before epoch 1
 
 
 @pytest.mark.parametrize("name", METHODS)

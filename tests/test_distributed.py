@@ -7,6 +7,7 @@ subprocess timeout and ``CKTF_DIST_TIMEOUT``, so a hung collective fails the tes
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.cli_helpers import invoke
 from tests.data_fixtures import write_fashion_idx
@@ -180,6 +182,90 @@ def test_one_rank_interrupted_then_resumed_equals_uninterrupted(data, uninterrup
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
 
 
+def stopped_line(done: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("stopped by SIGTERM")]
+    assert done.returncode != 0 and len(lines) == 1, done.stderr[-3000:]
+    return lines[0]
+
+
+def seen(folder: Path, mappings: bool = False) -> list[dict]:
+    found = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return found if mappings else [{k: v for k, v in rank.items() if k != "mappings"} for rank in found]
+
+
+def test_per_batch_mapping_picks_the_same_blocks_on_every_rank(data, tmp_path, strategy="smallest"):
+    """CKTF with a resnet14 teacher (two blocks per stage) and per-batch largest/smallest: each rank measures its own
+    sub-batch, but every rank must pair the same teacher blocks at every step. On these tiny untrained networks
+    every sub-batch prefers the same block, so seeded noise that differs per rank (tests/rank_driver.py) stands in
+    for sub-batches that disagree."""
+    code, out = invoke("train-teacher", "--config", str(CONFIGS / "teacher.yaml"), "--data.root",
+                       str(data / "fashion"), "--log.root", str(tmp_path), "--log.name", "teacher14", "--model.name",
+                       "resnet14", "--train.epochs", "0", "--log.tensorboard", "false")
+    assert code == 0, out
+    done = launch([*transfer_args(data, tmp_path / "runs", "cktf", "--log.tensorboard", "false"), "--train.epochs",
+                   "1", "--teacher", str(tmp_path / "teacher14/best.safetensors"), "--loss.terms.mckt.layer_mapping",
+                   strategy, "--loss.terms.mckt.mapping_schedule", "per_batch"], CKTF_TEST_SEEN=str(tmp_path / "seen"),
+                  CKTF_TEST_SIMILARITY_NOISE="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = seen(tmp_path / "seen", mappings=True)
+    assert len(rank0["mappings"]) == 12 and rank0["mappings"] == rank1["mappings"]
+    assert len({tuple(m) for m in rank0["mappings"]}) > 1  # the choice moves, so agreeing is not trivial
+
+
+def test_a_doubled_sigterm_and_a_slow_checkpoint_still_save_before_any_rank_leaves(data, tmp_path):
+    """Two SIGTERMs reach rank 1 at once at its 5th batch (a scheduler's and torchrun's), and rank 0 takes 3 s to
+    write every checkpoint (network storage). The second signal falls within the repeat window and is ignored;
+    both ranks stop at step 5, and each finds that checkpoint on disk when its command ends: no rank leaves
+    while rank 0 is still writing (torchrun would then kill rank 0 mid-write)."""
+    stopped = launch([*transfer_args(data, tmp_path, "kd", "--log.tensorboard", "false"), "--train.epochs", "1"],
+                     CKTF_TEST_SIGNAL="SIGTERM:5:1:2", CKTF_TEST_SAVE_DELAY="3",
+                     CKTF_TEST_SEEN=str(tmp_path / "seen"))
+    assert "epoch 1, batch 5" in stopped_line(stopped)
+    assert seen(tmp_path / "seen") == [{"code": 143, "step": 5, "saved_step": 5}] * 2
+    assert load_checkpoint(tmp_path / "run/last.safetensors").state["progress"]["batches"] == 5
+
+
+def pretraining_args(data: Path, runs: Path, tmp_path: Path) -> list[str]:
+    """FT's paraphraser and FitNet's hint stage pre-trained for one epoch each, then no main loop (epochs 0: the
+    saved state is what the init phases left, before DDP would broadcast rank 0's weights)."""
+    cfg = yaml.safe_load((CONFIGS / "kd.yaml").read_text())
+    cfg["loss"] = {"method": "ft_fitnet", "terms": {"ft": {"weight": 1.0, "init_epochs": 1},
+                                                    "fitnet": {"weight": 1.0, "init_epochs": 1}}}
+    config = tmp_path / "ft_fitnet.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    args = transfer_args(data, runs, "kd", "--log.tensorboard", "false", "--train.epochs", "0")
+    args[args.index("--config") + 1] = str(config)
+    return args
+
+
+def test_init_phases_train_every_rank_as_one_process(data, tmp_path):
+    """The init phases run before the main loop's DDP wrap: their steps must average gradients across ranks. Both
+    ranks end identical (weights and BatchNorm statistics), and FT's paraphraser (no BatchNorm) equals one process
+    with the global batch; without the sync each rank trained on its own half."""
+    args = pretraining_args(data, tmp_path / "runs", tmp_path)
+    two = launch([*args, "--log.name", "two"], CKTF_TEST_DUMP=str(tmp_path / "two"), CKTF_TEST_COMPARABLE="1")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("loss.terms.ft pre-training: epoch 1/1") == 1
+    rank0, _ = dumped(tmp_path / "two", 0)
+    rank1, _ = dumped(tmp_path / "two", 1)
+    assert_same(rank0, rank1)
+    one = launch([*args, "--log.name", "one"], nproc=0, CKTF_TEST_DUMP=str(tmp_path / "one"), CKTF_TEST_COMPARABLE="1")
+    assert one.returncode == 0, one.stderr[-3000:]
+    single, _ = dumped(tmp_path / "one", 0)
+    paraphraser = [key for key in single if ".paraphraser." in key]
+    assert paraphraser
+    for key in paraphraser:
+        assert torch.allclose(single[key], rank0[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_a_diverging_init_phase_stops_every_rank_in_one_line(data, tmp_path):
+    """Rank 1's pre-training loss turns NaN at its second step: every rank stops with the same line (printed once,
+    by rank 0), instead of rank 1 alone while rank 0 trains on."""
+    done = launch(pretraining_args(data, tmp_path, tmp_path), CKTF_TEST_NAN_MSE="1:2")
+    line = one_error_line(done, ": the pre-training phase diverged at epoch 1", "init_lr")
+    assert "(rank" not in line
+
+
 def one_error_line(done: subprocess.CompletedProcess, *needles: str) -> str:
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("Error:")]
     assert done.returncode != 0 and len(lines) == 1, done.stderr[-3000:]
@@ -190,13 +276,18 @@ def one_error_line(done: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("extra,env,needles", [
-    (("--train.batch_size", "15"), {}, ("train.batch_size 15 is not divisible by the 2",)),
-    (("--train.sync_bn", "true"), {}, ("train.sync_bn needs CUDA",)),
-    ((), {"CKTF_TEST_RANK_ARGS": "1:--train.lr 0.1"}, ("ranks disagree on the resolved config",)),
-], ids=["batch", "sync_bn-cpu", "config-differs"])
-def test_refused_in_one_line_before_the_run_directory(data, tmp_path, extra, env, needles):
-    done = launch([*transfer_args(data, tmp_path, "kd", *extra), "--train.epochs", "1"], **env)
+@pytest.mark.parametrize("config,extra,env,needles", [
+    ("kd", ("--train.batch_size", "15"), {}, ("train.batch_size 15 is not divisible by the 2",)),
+    ("kd", ("--train.sync_bn", "true"), {}, ("train.sync_bn needs CUDA",)),
+    ("kd", (), {"CKTF_TEST_RANK_ARGS": "1:--train.lr 0.1"}, ("ranks disagree on the resolved config",)),
+    # rank 0 alone would build and broadcast a neighbour table: the config check must come before that collective
+    ("crd", ("--sampler.kind", "debiased", "--sampler.shared", "false", "--sampler.k", "2"),
+     {"CKTF_TEST_RANK_ARGS": "1:--sampler.kind uniform", "CKTF_DIST_TIMEOUT": "20"},
+     ("ranks disagree on the resolved config",)),
+], ids=["batch", "sync_bn-cpu", "config-differs", "sampler-kind-differs"])
+def test_refused_in_one_line_before_the_run_directory(data, tmp_path, config, extra, env, needles):
+    done = launch([*transfer_args(data, tmp_path, config, *extra), "--train.epochs", "1", "--sampler.cache_dir",
+                   str(tmp_path / "neighbours")], **env)
     one_error_line(done, *needles)
     assert not (tmp_path / "run").exists()
 

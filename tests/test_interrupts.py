@@ -93,3 +93,36 @@ def test_signal_then_resume_equals_uninterrupted(data, uninterrupted, tmp_path, 
     assert task.keys() == want_task.keys()
     for key in task:
         assert torch.equal(task[key], want_task[key]), (at, key)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("torchrun", [True, False])
+def test_a_repeated_signal_under_torchrun_keeps_the_save_only_within_the_window(monkeypatch, torchrun):
+    """Under torchrun a scheduler and torchrun each send SIGTERM: a second signal within REPEAT_WINDOW_S of the
+    first is ignored, a later one (or any second one in a single process) stops at once."""
+    from transfer.engine.signals import REPEAT_WINDOW_S, StopRequest
+
+    if torchrun:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    clock = FakeClock()
+    with StopRequest(clock=clock) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        clock.now += REPEAT_WINDOW_S - 0.5
+        if torchrun:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGTERM
+            clock.now += 1.0
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert REPEAT_WINDOW_S <= 10

@@ -5,9 +5,11 @@ import torch
 
 from transfer.errors import CKTFError
 from transfer.losses.layer_mapping import (
+    LayerMapper,
     check_stage_counts,
     padded_cosine,
     paired_features,
+    select_per_batch,
     select_teacher_blocks,
 )
 from transfer.models.taps import TapOutputs
@@ -77,3 +79,47 @@ def test_errors():
     with pytest.raises(CKTFError, match="3 stages") as info:
         check_stage_counts(3, 4, "resnet8", "vgg19")
     assert "\n" not in str(info.value)
+
+
+@pytest.fixture
+def host_reads(monkeypatch) -> list[str]:
+    """Every read of a tensor's value into Python (``tolist``, ``item``, ``int``): a device sync on CUDA."""
+    reads: list[str] = []
+    for name in ("tolist", "item", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+def test_a_fixed_mapping_is_read_once_until_a_checkpoint_load_writes_it(host_reads):
+    student, teacher = toy_pair()
+    mapper, mapping = LayerMapper("largest", "once"), torch.tensor([1, 2])
+    assert [mapper(student, teacher, mapping) for _ in range(5)] == [[1, 2]] * 5
+    assert len(host_reads) == 1
+    mapping.copy_(torch.tensor([0, 0]))  # what load_state_dict does on --resume
+    assert mapper(student, teacher, mapping) == [0, 0]
+
+
+def test_per_batch_similarity_reaches_the_host_once_per_step(host_reads):
+    student, teacher = toy_pair()
+    largest, smallest = (select_per_batch(rule, student, teacher) for rule in ("largest", "smallest"))
+    assert largest != smallest
+    host_reads.clear()
+    mapper, mapping = LayerMapper("largest", "per_batch"), torch.tensor([2, 2])
+    assert [mapper(student, teacher, mapping) for _ in range(3)] == [largest] * 3
+    assert len(host_reads) == 3 and mapping.tolist() == largest
+    assert LayerMapper("smallest", "per_batch")(student, teacher, mapping) == smallest
+    assert mapping.tolist() == smallest
+
+
+def test_random_per_batch_follows_a_draw_counter_loaded_mid_run():
+    student, teacher = toy_pair()
+    mapper, mapping = LayerMapper("random", "per_batch", seed=3), torch.tensor([0, 0])
+    draws = [mapper(student, teacher, mapping) for _ in range(8)]
+    mapper.load_state_dict({"draws": torch.tensor(2)})
+    assert [mapper(student, teacher, mapping) for _ in range(6)] == draws[2:]

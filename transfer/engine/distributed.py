@@ -229,6 +229,25 @@ def run_on_main(fn: Callable[[], T]) -> T:
     return value
 
 
+def average_step(params: list[nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
+    """Average ``loss`` and the gradients of ``params`` across ranks in one all-reduce: a training step outside
+    DDP (the init phases) then moves every rank's weights as one process with the global batch would.
+
+    Returns the mean loss (``loss`` itself, detached, for one process); parameters without a gradient are
+    skipped (the same ones on every rank: every rank runs the same graph).
+    """
+    if not active():
+        return loss.detach()
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([loss.detach().float().reshape(1), *(g.reshape(-1).float() for g in grads)])
+    all_reduce_(flat, "mean")
+    offset = 1
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view(grad.shape))
+        offset += grad.numel()
+    return flat[0]
+
+
 def no_buffer_broadcast() -> dict[str, bool]:
     """DDP's option for *not* broadcasting buffers before every forward (memory banks would be copied from rank 0
     every step): ``forward_sync_buffers=False`` where torch has it (2.15+, still syncing once at construction),

@@ -14,8 +14,9 @@ Under torchrun (see :mod:`transfer.engine.distributed`) the task's trainable par
 stop flag, so logged numbers are global means and all ranks stop at the same step after a signal reaches
 any of them. Each rank seeds its global RNGs (augmentation, negatives) from ``(seed, epoch, rank)``; the data
 order stays a function of ``(seed, epoch)``. BatchNorm running statistics are averaged across ranks at the
-end of every epoch (or kept identical by ``train.sync_bn``). Rank 0 alone writes checkpoints and logs; a
-checkpoint holds every rank's RNG state and BatchNorm statistics, so a resume inside an epoch is exact.
+end of every epoch (or kept identical by ``train.sync_bn``). Rank 0 alone writes checkpoints and logs; the
+other ranks wait until a checkpoint is on disk. A checkpoint holds every rank's RNG state and BatchNorm
+statistics, so a resume inside an epoch is exact.
 """
 
 from __future__ import annotations
@@ -150,19 +151,25 @@ class Engine:
 
     def _save(self, epoch: int, improved: bool, progress: dict[str, Any] | None = None) -> None:
         """Write ``last`` (and ``best``): a collective under torchrun (every rank's RNG state and BatchNorm
-        statistics are gathered), written by rank 0 alone."""
+        statistics are gathered), written by rank 0 alone.
+
+        Every rank returns only once rank 0's files are on disk: a rank that went on to stop
+        (:class:`RunInterrupted`) while rank 0 was still writing would make torchrun kill rank 0 mid-write.
+        """
         meta = dict(self.metadata, epoch=str(epoch))
         state = self.state(epoch, progress)
         if self.world > 1:
             state["ranks"] = distributed.all_gather_objects(
                 {"rng": state["rng"], "batchnorm": distributed.batchnorm_buffers(self.task)})
-            if not distributed.is_main():
-                return
-        # best before last: a kill between the two leaves last one epoch behind, and the resumed epoch
-        # rewrites best; the other order could leave a best older than last records
-        if improved:
-            save_checkpoint(self.run.best, state, meta)
-        save_checkpoint(self.run.last, state, meta)
+
+        def write() -> None:
+            # best before last: a kill between the two leaves last one epoch behind, and the resumed epoch
+            # rewrites best; the other order could leave a best older than last records
+            if improved:
+                save_checkpoint(self.run.best, state, meta)
+            save_checkpoint(self.run.last, state, meta)
+
+        distributed.run_on_main(write)
 
     def write_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Write the run's ``metrics.json`` (rank 0 only under torchrun; every rank holds the same numbers)."""

@@ -6,6 +6,11 @@ augmentation applied, as in the main loop), for a given number of epochs, as Rep
 does. A parameter that gets no gradient from the objective (e.g. the student's classifier under AB) is left
 untouched: SGD skips parameters whose ``grad`` is ``None``.
 
+Under torchrun these phases run before the main loop's DDP wrap, so they synchronise by themselves: every step
+averages the gradients and the loss across ranks (:func:`~transfer.engine.distributed.average_step`), which
+keeps the ranks' weights identical and equal to one process's with the global batch, and a non-finite loss
+stops every rank with the same line.
+
 Example::
 
     losses = pretrain(phase, list(self.paraphraser.parameters()), lambda images: reconstruction(images),
@@ -21,7 +26,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from transfer.errors import CKTFError
+from transfer.engine import distributed
 from transfer.losses.terms.base import InitPhase
 
 log = logging.getLogger("cktf")
@@ -45,7 +50,7 @@ def pretrain(phase: InitPhase, params: Iterable[nn.Parameter], loss_fn: Callable
         The mean loss of every epoch.
 
     Raises:
-        CKTFError: the loss is not finite (one line naming ``<key>.init_lr``).
+        CKTFError: the loss is not finite (one line naming ``<key>.init_lr``; on every rank under torchrun).
     """
     if phase.train_loader is None:
         raise ValueError(f"{key}: the pre-training phase needs InitPhase.train_loader")
@@ -59,12 +64,12 @@ def pretrain(phase: InitPhase, params: Iterable[nn.Parameter], loss_fn: Callable
             if phase.augment is not None:
                 images = phase.augment(images)
             loss = loss_fn(images)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise CKTFError(f"{key}: the pre-training phase diverged at epoch {epoch + 1} (loss {value}); lower "
-                                f"{key}.init_lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            value = float(distributed.average_step(params, loss))  # the same on every rank
+            if not math.isfinite(value):
+                raise distributed.RankError(f"{key}: the pre-training phase diverged at epoch {epoch + 1} (loss "
+                                            f"{value}); lower {key}.init_lr")
             optimizer.step()
             total, count = total + value * len(images), count + len(images)
         means.append(total / max(count, 1))

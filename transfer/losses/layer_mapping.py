@@ -36,16 +36,25 @@ per candidate block would leave each head 1/n of the updates while the banks sti
 ``random`` draws come from a generator seeded by ``(train.seed, number of draws so far)``; the counter
 is a buffer in the checkpoint, so ``--resume`` continues the same sequence without touching the global
 RNG that data order and augmentation use.
+
+Under torchrun (``gather_distributed``, set by the engine) ``largest``/``smallest`` per batch decide on the
+mean of the ranks' similarities (each rank measures its own sub-batch; one small all-reduce per step), so
+every rank pairs the same blocks; ``random`` draws agree anyway (same seed, same counter). The choice reaches
+the host once per step (the teacher's blocks are picked in Python); a fixed choice and the draw counter are
+read from the device only after a checkpoint load wrote them.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import weakref
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transfer.engine import distributed
 from transfer.errors import CKTFError
 from transfer.losses.projection import pool_flatten
 from transfer.losses.stage_features import batch_normalise
@@ -147,18 +156,53 @@ def batch_map_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
     return (s * t).sum() / torch.clamp(s.norm() * t.norm(), min=1e-8)
 
 
-def select_per_batch(strategy: str, student: TapOutputs, teacher: TapOutputs,
-                     generator: torch.Generator | None = None) -> list[int]:
-    """Index of the teacher block for each stage under ``mapping_schedule per_batch`` (see module docstring)."""
+def per_batch_choice(strategy: str, student: TapOutputs, teacher: TapOutputs,
+                     combine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``largest``/``smallest`` per batch: the chosen block of every stage as a long tensor on the maps' device.
+
+    ``combine`` maps every stage's similarities, concatenated, to the ones to decide on (under torchrun: their
+    mean over the ranks); nothing leaves the device.
+    """
     if strategy not in ("largest", "smallest"):
-        return select_teacher_blocks(strategy, student, teacher, generator)
+        raise ValueError(f"per_batch_choice decides largest or smallest, not {strategy!r}")
     if teacher.blocks is None:
         raise ValueError("teacher taps need with_blocks=True for this layer mapping")
-    choice: list[int] = []
-    for stage, blocks in enumerate(teacher.blocks):
-        sims = torch.stack([batch_map_cosine(student.stages[stage], block) for block in blocks])
-        choice.append(int(sims.argmax() if strategy == "largest" else sims.argmin()))
-    return choice
+    sims = [torch.stack([batch_map_cosine(student.stages[stage], block) for block in blocks])
+            for stage, blocks in enumerate(teacher.blocks)]
+    flat = torch.cat(sims)
+    if combine is not None:
+        flat = combine(flat)
+    pick = torch.argmax if strategy == "largest" else torch.argmin
+    return torch.stack([pick(part) for part in flat.split([len(s) for s in sims])])
+
+
+def select_per_batch(strategy: str, student: TapOutputs, teacher: TapOutputs,
+                     generator: torch.Generator | None = None,
+                     combine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[int]:
+    """Index of the teacher block for each stage under ``mapping_schedule per_batch`` (see module docstring;
+    ``combine`` as in :func:`per_batch_choice`)."""
+    if strategy not in ("largest", "smallest"):
+        return select_teacher_blocks(strategy, student, teacher, generator)
+    return per_batch_choice(strategy, student, teacher, combine).tolist()
+
+
+class _HostCopy:
+    """A small buffer's value on the host, read from the device again only when something else wrote the
+    buffer in place (a checkpoint load) or it was replaced (moved to another device)."""
+
+    def __init__(self) -> None:
+        self._tensor: weakref.ref | None = None
+        self._version = -1
+        self.value: Any = None
+
+    def read(self, tensor: torch.Tensor) -> Any:
+        if self._tensor is None or self._tensor() is not tensor or tensor._version != self._version:
+            self.wrote(tensor, tensor.tolist())
+        return self.value
+
+    def wrote(self, tensor: torch.Tensor, value: Any) -> None:
+        """Record that ``tensor`` now holds ``value`` (after writing it ourselves)."""
+        self._tensor, self._version, self.value = weakref.ref(tensor), tensor._version, value
 
 
 class LayerMapper(nn.Module):
@@ -182,6 +226,8 @@ class LayerMapper(nn.Module):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown mapping schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         self.strategy, self.schedule, self.seed = strategy, schedule, int(seed)
+        self.gather_distributed = False
+        self._mapping, self._draws = _HostCopy(), _HostCopy()
         if self.moves and strategy == "random":
             self.register_buffer("draws", torch.zeros((), dtype=torch.long))
 
@@ -191,17 +237,24 @@ class LayerMapper(nn.Module):
         return self.schedule == "per_batch" and self.strategy in ("random", "largest", "smallest")
 
     def _generator(self) -> torch.Generator:
-        draw = int(self.draws)
+        draw = int(self._draws.read(self.draws))
         self.draws += 1
+        self._draws.wrote(self.draws, draw + 1)
         return torch.Generator().manual_seed((self.seed * 1_000_003 + draw) % (2**63))
 
     @torch.no_grad()
     def forward(self, student: TapOutputs, teacher: TapOutputs, mapping: torch.Tensor) -> list[int]:
         if not self.moves:
-            return mapping.tolist()
-        generator = self._generator() if self.strategy == "random" else None
-        choice = select_per_batch(self.strategy, student, teacher, generator)
-        mapping.copy_(torch.tensor(choice, dtype=mapping.dtype))
+            return list(self._mapping.read(mapping))
+        if self.strategy == "random":
+            choice = select_teacher_blocks(self.strategy, student, teacher, self._generator())
+            mapping.copy_(torch.tensor(choice, dtype=mapping.dtype), non_blocking=True)
+        else:
+            combine = (lambda sims: distributed.all_reduce_(sims, "mean")) if self.gather_distributed else None
+            picked = per_batch_choice(self.strategy, student, teacher, combine)
+            mapping.copy_(picked)
+            choice = picked.tolist()
+        self._mapping.wrote(mapping, choice)
         return choice
 
     def extra_repr(self) -> str:

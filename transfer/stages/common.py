@@ -253,6 +253,19 @@ def flatten_config(values: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def join_ranks(cfg: Any) -> torch.device:
+    """Join torchrun's process group (:func:`~transfer.engine.distributed.setup`) and return this rank's device.
+
+    Under torchrun the ranks' configs are compared first, before any other collective: ranks that disagree on,
+    e.g., ``sampler.kind`` would otherwise call different collectives (one broadcasts a neighbour table, the
+    other does not) and hang instead of stopping with one line. :func:`open_run` compares them again, after
+    the stage has filled in what it reads from files (a teacher's recorded input).
+    """
+    device = distributed.setup(cfg.train.device)
+    distributed.check_same_config(dump_config(cfg))
+    return device
+
+
 @dataclass(frozen=True)
 class RunRequest:
     """How the user asked to start a run: ``--resume``, ``--overwrite``, ``--allow-change KEY``…"""

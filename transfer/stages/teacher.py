@@ -10,20 +10,19 @@ import json
 import time
 
 from transfer.config import TeacherConfig
-from transfer.engine import distributed
 from transfer.engine.performance import check_runtime
 from transfer.engine.rundir import run_path
 from transfer.engine.runtime import seed_everything, set_threads
 from transfer.engine.trainer import FitResult
 from transfer.models import build_model
-from transfer.stages.common import RunRequest, build_splits, input_resolution, make_loader, open_run
+from transfer.stages.common import RunRequest, build_splits, input_resolution, join_ranks, make_loader, open_run
 from transfer.tasks import SupervisedTask
 
 
 def train_teacher(cfg: TeacherConfig, request: RunRequest = RunRequest()) -> FitResult:
     """Train the teacher described by ``cfg`` into ``<log.root>/<log.name>``."""
     set_threads(cfg.train.threads)
-    device = distributed.setup(cfg.train.device)
+    device = join_ranks(cfg)
     check_runtime(device, cfg.train)
     splits = build_splits(cfg.data, cfg.train.seed)
     seed_everything(cfg.train.seed)

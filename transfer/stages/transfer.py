@@ -40,6 +40,7 @@ from transfer.stages.common import (
     eval_transform,
     extract_features,
     input_resolution,
+    join_ranks,
     make_loader,
     open_run,
     train_pipeline,
@@ -261,7 +262,7 @@ def run_transfer(cfg: TransferConfig, request: RunRequest = RunRequest()) -> Fit
     """Train the student of ``cfg`` into ``<log.root>/<log.name>``."""
     needs = resolve_loss_terms(cfg)
     set_threads(cfg.train.threads)
-    device = distributed.setup(cfg.train.device)
+    device = join_ranks(cfg)
     check_runtime(device, cfg.train)
     teacher_net = load_teacher(cfg)
     pool, augment = training_pool(cfg, teacher_net, needs)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transfer.engine import distributed
 from transfer.engine.frozen import freeze
 from transfer.engine.logger import phase as logged_phase
 from transfer.engine.task import StepOutput, Task
@@ -86,6 +87,8 @@ class TransferTask(Task):
         under ``loss.nce.bank_init embed`` fill their memory banks with the networks' initial embeddings of
         every item: CRD starts its banks from uniform noise and writes each row once per epoch with momentum
         0.5, so after k epochs a fraction 0.5^k of every positive is still noise — most of a short schedule.
+        Under torchrun a phase that trains synchronises its own steps (:mod:`transfer.losses.init_training`);
+        the BatchNorm statistics it moved are averaged across ranks at the end.
         """
         phase = InitPhase(self.student, self.teacher, device, eval_loader, train_loader, augment)
         ran = []
@@ -97,6 +100,8 @@ class TransferTask(Task):
                     with logged_phase(f"loss.terms.{name}: initialisation phase ({len(eval_loader.dataset)} images)"):
                         term.init_phase(phase)
                     ran.append(name)
+            self.train()  # under torchrun: each rank's BatchNorm statistics moved on its shard (frozen ones did not)
+            distributed.average_batchnorm(self)
         finally:
             self.train(was_training)
         return ran

@@ -14,8 +14,7 @@ reduction: FitNets' ``½‖·‖²`` per sample is this times ``C·H·W/2``, a c
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +24,11 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from transfer.config import NCEConfig
 from transfer.config.loader import option
 from transfer.errors import CKTFError
+from transfer.losses.init_training import pretrain
 from transfer.losses.terms.base import InitPhase, LossTerm, Needs, TermContext, TermOptions, TransferBatch
 from transfer.losses.terms.registry import register_term
 
 KEY = "loss.terms.fitnet"
-log = logging.getLogger("cktf")
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -132,29 +131,18 @@ class FitNetTerm(LossTerm):
         o = self.options
         taps = phase.student
         guided = _truncated(taps, taps.spec.stages[o.guided_stage - 1])
-        params = [p for p in [*guided.parameters(), *self.regressor.parameters()] if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=o.init_lr, momentum=0.9, weight_decay=5e-4)
-        loader = phase.train_loader if phase.train_loader is not None else phase.eval_loader
+        if phase.train_loader is None:
+            phase = replace(phase, train_loader=phase.eval_loader, augment=None)
         guided.train()
         self.regressor.train()
-        self.init_losses = []
-        for epoch in range(o.init_epochs):
-            total, count = 0.0, 0
-            for images, _targets, _indices in loader:
-                images = images.to(phase.device, non_blocking=True)
-                if phase.augment is not None and phase.train_loader is not None:
-                    images = phase.augment(images)
-                with torch.no_grad():
-                    hint = phase.teacher(images).stages[o.hint_stage - 1]
-                loss = self.hint_loss(guided(images)["guided"], hint)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(images)
-                count += len(images)
-            self.init_losses.append(total / max(count, 1))
-            log.info("fitnet hint pre-training epoch %d/%d: hint loss %.4g", epoch + 1, o.init_epochs,
-                     self.init_losses[-1])
+
+        def hint_loss(images: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                hint = phase.teacher(images).stages[o.hint_stage - 1]
+            return self.hint_loss(guided(images)["guided"], hint)
+
+        self.init_losses = pretrain(phase, [*guided.parameters(), *self.regressor.parameters()], hint_loss,
+                                    epochs=o.init_epochs, lr=o.init_lr, key=KEY)
 
 
 def _truncated(taps: nn.Module, node: str) -> nn.Module:
