@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli_helpers import invoke
+from tests.cli_helpers import REPORT_CUDA_ENV, invoke
 from tests.data_fixtures import write_fashion_idx
 from transfer.engine.checkpoint import load_checkpoint
 
@@ -41,7 +41,7 @@ def stage_args(data: Path, stage: str, runs: Path) -> list[str]:
 
 
 def cktf(signame: str, at: int, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), REPORT_CUDA_ENV: "1"}  # on the CPU although CUDA is reported
     return subprocess.run([sys.executable, "-m", "tests.signal_driver", signame, str(at), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
