@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="train.device of every command (default cuda)")
     parser.add_argument("--teacher-precision", default="fp16", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--compile", default="true", choices=("true", "false"), help="train.compile of the transfer")
-    parser.add_argument("--items", type=int, default=4000, help="fixture training images (default 4000)")
+    parser.add_argument("--items", type=int, default=2000, help="fixture training images (default 2000)")
     parser.add_argument("--timeout", type=float, default=150, help="seconds allowed per command (default 150)")
     parser.add_argument("--json", type=Path, help="where to write the results (default OUT/chain.json)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")

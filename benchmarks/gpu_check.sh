@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check in one command, on a bare CUDA machine (about 6-9 minutes on one H200):
-#   0. wheels: every wheel in WHEELS (default .whl/) is installed with `pip install --no-index --no-deps
-#      --target OUT/site` and put on PYTHONPATH (faiss-cpu is the one the check needs beyond torch,
-#      torchvision, einops, tensorboard, click, safetensors, pyyaml and pytest; add a pytest wheel the same
-#      way if the machine lacks it). Fetch it on a machine with a package index, for the GPU machine's Python:
+# The GPU check in one command, on a bare CUDA machine (at most 585 s of step limits; docs/benchmarks.md):
+#   0. wheels: every wheel in WHEELS (default .whl/, git-ignored: carry it along) is installed with
+#      `pip install --no-index --no-deps --target OUT/site` and put on PYTHONPATH. faiss-cpu is the one the
+#      check needs beyond torch, torchvision, einops, tensorboard, click, safetensors, pyyaml and pytest (add a
+#      pytest wheel the same way if the machine lacks it). Fetch it where a package index is reachable:
 #        pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #            --platform manylinux_2_28_x86_64 -d .whl faiss-cpu
 #   1. the test files with CUDA-only branches, tests/test_fake_cuda.py when it exists, and the suite's
@@ -22,7 +22,7 @@
 # Usage: benchmarks/gpu_check.sh [--out DIR] [--dry-run]   (PYTHON=... picks the interpreter, WHEELS=DIR the wheels)
 set -uo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 OUT="benchmarks/results/gpu_check"
 DRY=0
 while [ $# -gt 0 ]; do
@@ -45,13 +45,13 @@ TEST_FILES+=" tests/test_nce.py tests/test_memory_bank.py tests/test_cpu_suite.p
 
 # name|timeout in seconds|command
 STEPS=()
-STEPS+=("wheels|30|shopt -s nullglob; w=($WHEELS/*.whl); [ \${#w[@]} -eq 0 ] || $PY -m pip install -q --no-index --no-deps --target $OUT/site \"\${w[@]}\"; $PY -c 'import faiss'")
-STEPS+=("tests|120|$PY -m pytest -q -p no:cacheprovider -rs $TEST_FILES")
-STEPS+=("chain|200|$PY benchmarks/gpu_chain.py --out $OUT/chain --device cuda --timeout 90 --json $OUT/chain.json")
+STEPS+=("wheels|20|shopt -s nullglob; w=($WHEELS/*.whl); [ \${#w[@]} -eq 0 ] || $PY -m pip install -q --no-index --no-deps --target $OUT/site \"\${w[@]}\"; $PY -c 'import faiss'")
+STEPS+=("tests|100|$PY -m pytest -q -p no:cacheprovider -rs $TEST_FILES")
+STEPS+=("chain|200|$PY benchmarks/gpu_chain.py --out $OUT/chain --device cuda --timeout 110 --json $OUT/chain.json")
 for precision in fp32 bf16; do
-  STEPS+=("transfer_step_$precision|100|$PY benchmarks/transfer_step.py --device cuda --settings stl10_vgg --methods kd,crd,cktf --negative-modes shared,per-anchor --items 100000 --batch 64 --negatives 16384 --breakdown-steps 0 --set train.precision=$precision --json $OUT/transfer_step_$precision.json")
+  STEPS+=("transfer_step_$precision|125|$PY benchmarks/transfer_step.py --device cuda --settings stl10_vgg --methods kd,crd,cktf --negative-modes shared,per-anchor --items 100000 --batch 64 --negatives 16384 --breakdown-steps 0 --set train.precision=$precision --json $OUT/transfer_step_$precision.json")
 done
-STEPS+=("faiss_gpu_table|20|$PY benchmarks/sampler.py --device cuda --parts tables --items 100000 --dim 512 --json $OUT/sampler.json")
+STEPS+=("faiss_gpu_table|15|$PY benchmarks/sampler.py --device cuda --parts tables --items 100000 --dim 512 --json $OUT/sampler.json")
 
 if [ "$DRY" = 1 ]; then
   for step in "${STEPS[@]}"; do
