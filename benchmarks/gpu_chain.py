@@ -2,14 +2,15 @@
 
 1. ``train-teacher`` in fp16 with DataLoader workers (and so pinned memory) on the device;
 2. ``transfer`` with CKTF in bf16: per-anchor hard negatives (a faiss neighbour table), per-batch ``smallest``
-   layer mapping, ``train.compile``, a checkpoint every few steps, SIGTERM inside the second epoch
-   (``tests/signal_driver.py`` sends it when a given batch is loaded), then ``--resume`` to the end;
+   layer mapping, ``train.compile``, ``train.deterministic`` (its log names any op without a deterministic
+   CUDA kernel), a checkpoint every few steps, SIGTERM inside the second epoch (``tests/signal_driver.py``
+   sends it when a given batch is loaded), then ``--resume`` to the end;
 3. ``probe`` of the transferred student.
 
 Each command runs through ``python -m transfer.cli`` from the repository root (no cktf install needed) with a
-timeout; the first failure stops the chain. Results go to ``OUT/chain.json`` (or ``--json``): every command
-with its exit status, seconds and the last lines of its output, plus the teacher's, the transfer's and the
-probe's metrics.
+timeout; the first failure stops the chain. Each command's output goes to ``OUT/<name>.log``, the results to
+``OUT/chain.json`` (or ``--json``): every command with its exit status, seconds and the last lines of its
+output, plus the teacher's, the transfer's and the probe's metrics.
 Exit status 0 only if every command did what it should (the interrupted transfer exits 143 and says
 "stopped by SIGTERM"; the resumed one finishes its epochs).
 
@@ -46,9 +47,9 @@ def chain_commands(out: Path, args: argparse.Namespace) -> list[tuple[str, list[
     transfer = ["transfer", "--config", str(CONFIGS / "cktf.yaml"), *common, "--log.name", "cktf",
                 "--teacher", str(runs / "teacher/best.safetensors"), "--train.epochs", "3",
                 "--train.batch_size", "64", "--train.precision", "bf16", "--train.compile", args.compile,
-                "--train.checkpoint_every", "5", "--sampler.kind", "hard", "--sampler.shared", "false",
-                "--sampler.num_negatives", "256", "--loss.terms.mckt.layer_mapping", "smallest",
-                "--loss.terms.mckt.mapping_schedule", "per_batch"]
+                "--train.checkpoint_every", "5", "--train.deterministic", "true", "--sampler.kind", "hard",
+                "--sampler.shared", "false", "--sampler.num_negatives", "256",
+                "--loss.terms.mckt.layer_mapping", "smallest", "--loss.terms.mckt.mapping_schedule", "per_batch"]
     probe = ["probe", "--config", str(CONFIGS / "probe.yaml"), *common[:2], *common[4:], "--student",
              str(runs / "cktf/last.safetensors"), "--probe.out", str(runs / "cktf/probe"), "--train.epochs", "5",
              "--data.options.labels_per_class", "20"]
@@ -94,6 +95,7 @@ def run_chain(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             code, output = done.returncode, done.stdout + done.stderr
         except subprocess.TimeoutExpired as err:
             code, output = 124, f"timed out after {args.timeout} s\n{err.stderr or ''}"
+        (out / f"{name}.log").write_text(output)
         problem = expected(name, code, output)
         report["commands"].append({"name": name, "command": shlex.join(argv), "returncode": code,
                                    "seconds": round(time.perf_counter() - started, 1), "problem": problem,

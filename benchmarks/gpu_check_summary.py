@@ -54,11 +54,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
 def chain_lines(chain: dict[str, Any]) -> list[str]:
     lines = markdown_table([{k: c.get(k) for k in ("name", "returncode", "seconds", "problem")}
                             for c in chain.get("commands", [])])
-    metrics = {"teacher": ("final_acc", "best_val_acc"), "transfer": ("train_seconds",),
+    metrics = {"teacher": ("test/acc", "train/images_per_s"), "transfer": ("train/loss_epoch", "train/images_per_s"),
                "probe": ("final_acc", "knn_acc")}
     for stage, keys in metrics.items():
         found = chain.get(stage) or {}
-        shown = ", ".join(f"{k} {found[k]}" for k in keys if k in found)
+        found = {**found, **(found.get("final") or {})}  # teacher and transfer: the last epoch's row
+        shown = ", ".join(f"{k} {found[k]:.4g}" for k in keys if isinstance(found.get(k), (int, float)))
         if shown:
             lines.append(f"- {stage}: {shown}")
     return lines

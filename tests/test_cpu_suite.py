@@ -24,14 +24,17 @@ def test_on_cpu_names_the_device_of_commands_that_train_unless_they_do():
     assert on_cpu(["compare", "runs/a"]) == ["compare", "runs/a"]
 
 
+def teacher(root: Path, *extra: str) -> list[str]:
+    write_fashion_idx(root / "fashion", n_train=60, n_test=20)
+    return ["train-teacher", "--config", str(CONFIGS / "teacher.yaml"), "--data.root", str(root / "fashion"),
+            "--log.root", str(root / "runs"), "--log.name", "t", "--model.name", "resnet8", "--train.epochs", "1",
+            "--train.batch_size", "16", "--log.tensorboard", "false", *extra]
+
+
 def test_a_run_through_the_helpers_stays_on_the_cpu_when_cuda_is_reported(tmp_path, monkeypatch):
     report_cuda(monkeypatch.setattr)
     assert resolve_device("auto").type == "cuda"  # what train.device's default would pick here
-    write_fashion_idx(tmp_path / "fashion", n_train=60, n_test=20)
-    code, out = invoke("train-teacher", "--config", str(CONFIGS / "teacher.yaml"), "--data.root",
-                       str(tmp_path / "fashion"), "--log.root", str(tmp_path / "runs"), "--log.name", "t",
-                       "--model.name", "resnet8", "--train.epochs", "1", "--train.batch_size", "16",
-                       "--log.tensorboard", "false")
+    code, out = invoke(*teacher(tmp_path))
     assert code == 0, out
     assert "| cpu, fp32" in out.splitlines()[0]
 
@@ -43,9 +46,5 @@ def test_reported_cuda_fails_a_run_that_touches_it(tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a real GPU: nothing is pretended")
     report_cuda(monkeypatch.setattr)
-    write_fashion_idx(tmp_path / "fashion", n_train=60, n_test=20)
     with pytest.raises((RuntimeError, AssertionError)):
-        invoke("train-teacher", "--config", str(CONFIGS / "teacher.yaml"), "--data.root", str(tmp_path / "fashion"),
-               "--log.root", str(tmp_path / "runs"), "--log.name", "t", "--model.name", "resnet8",
-               "--train.epochs", "1", "--train.batch_size", "16", "--log.tensorboard", "false",
-               "--train.device", "auto")
+        invoke(*teacher(tmp_path, "--train.device", "auto"))

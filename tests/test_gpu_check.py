@@ -100,7 +100,8 @@ def fake_results(out: Path, *, failed: bool) -> None:
     (out / "transfer_step_fp32.json").write_text(json.dumps({"rows": rows}))
     (out / "sampler.json").write_text(json.dumps({"tables": [{"index": "flat", "items": 100000, "recall": 1.0}]}))
     (out / "chain.json").write_text(json.dumps({"ok": True, "commands": [
-        {"name": "teacher", "returncode": 0, "seconds": 9.5, "problem": None}], "probe": {"final_acc": 0.71}}))
+        {"name": "teacher", "returncode": 0, "seconds": 9.5, "problem": None}], "probe": {"final_acc": 0.71},
+        "teacher": {"final": {"test/acc": 0.9, "train/images_per_s": 12345.6}}}))
     result = "failed (exit 1, see x.log)" if failed else "ok"
     (out / "status.tsv").write_text(f"tests\tok\t40\ntransfer_step_fp32\t{result}\t80\n"
                                     "faiss_gpu_table\tskipped (faiss without GPU support)\t0\n")
@@ -117,6 +118,7 @@ def test_the_summary_shows_every_table_and_fails_with_a_step(tmp_path, failed):
     assert "| stl10_vgg | kd | 64 | 0.0123 |  |" in markdown and "CUDA out of memory |" in markdown
     assert "### sampler" in markdown and "| flat | 100000 | 1 |" in markdown  # the sampler writes `tables`
     assert "### chain" in markdown and "| teacher | 0 | 9.5 |" in markdown and "- probe: final_acc 0.71" in markdown
+    assert "- teacher: test/acc 0.9, train/images_per_s 1.235e+04" in markdown
     assert report["sampler"]["tables"][0]["index"] == "flat"
     done = subprocess.run([sys.executable, "benchmarks/gpu_check_summary.py", str(tmp_path / "out")], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
