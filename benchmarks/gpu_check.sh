@@ -43,15 +43,16 @@ TEST_FILES="tests/test_negative_sampler.py tests/test_performance_flags.py tests
 TEST_FILES+=" tests/test_nce.py tests/test_memory_bank.py tests/test_cpu_suite.py"
 [ -f tests/test_fake_cuda.py ] && TEST_FILES+=" tests/test_fake_cuda.py"
 
-# name|timeout in seconds|command
+# name|timeout in seconds|command (run by bash -c, so paths are quoted)
+O=$(printf %q "$OUT"); P=$(printf %q "$PY"); W=$(printf %q "$WHEELS")
 STEPS=()
-STEPS+=("wheels|20|shopt -s nullglob; w=($WHEELS/*.whl); [ \${#w[@]} -eq 0 ] || $PY -m pip install -q --no-index --no-deps --target $OUT/site \"\${w[@]}\"; $PY -c 'import faiss'")
-STEPS+=("tests|100|$PY -m pytest -q -p no:cacheprovider -rs $TEST_FILES")
-STEPS+=("chain|200|$PY benchmarks/gpu_chain.py --out $OUT/chain --device cuda --timeout 110 --json $OUT/chain.json")
+STEPS+=("wheels|20|shopt -s nullglob; w=($W/*.whl); [ \${#w[@]} -eq 0 ] || $P -m pip install -q --no-index --no-deps --target $O/site \"\${w[@]}\"; $P -c 'import faiss'")
+STEPS+=("tests|100|$P -m pytest -q -p no:cacheprovider -rs $TEST_FILES")
+STEPS+=("chain|200|$P benchmarks/gpu_chain.py --out $O/chain --device cuda --timeout 110 --json $O/chain.json")
 for precision in fp32 bf16; do
-  STEPS+=("transfer_step_$precision|125|$PY benchmarks/transfer_step.py --device cuda --settings stl10_vgg --methods kd,crd,cktf --negative-modes shared,per-anchor --items 100000 --batch 64 --negatives 16384 --breakdown-steps 0 --set train.precision=$precision --json $OUT/transfer_step_$precision.json")
+  STEPS+=("transfer_step_$precision|125|$P benchmarks/transfer_step.py --device cuda --settings stl10_vgg --methods kd,crd,cktf --negative-modes shared,per-anchor --items 100000 --batch 64 --negatives 16384 --breakdown-steps 0 --set train.precision=$precision --json $O/transfer_step_$precision.json")
 done
-STEPS+=("faiss_gpu_table|15|$PY benchmarks/sampler.py --device cuda --parts tables --items 100000 --dim 512 --json $OUT/sampler.json")
+STEPS+=("faiss_gpu_table|15|$P benchmarks/sampler.py --device cuda --parts tables --items 100000 --dim 512 --json $O/sampler.json")
 
 if [ "$DRY" = 1 ]; then
   for step in "${STEPS[@]}"; do
@@ -74,7 +75,7 @@ for step in "${STEPS[@]}"; do
   fi
   echo "== $name (at most $limit s): $cmd"
   start=$(date +%s)
-  timeout --kill-after=10 "$limit" bash -c "$cmd" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=5 "$limit" bash -c "$cmd" > "$OUT/$name.log" 2>&1
   code=$?
   case $code in
     0) result=ok ;;
