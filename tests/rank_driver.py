@@ -6,9 +6,9 @@ Usage: ``torchrun --nproc_per_node 2 -m tests.rank_driver transfer --config …`
   ``DIR/rank<R>.safetensors`` (a cktf checkpoint), to compare ranks with each other or with one process.
 * ``CKTF_TEST_SIGNAL=SIGKILL:17:1``: rank 1 sends itself SIGKILL when its 17th batch is loaded.
 * ``CKTF_TEST_RANK_ARGS=1:--train.lr 0.1``: extra arguments for rank 1 only (ranks that disagree).
-* ``CKTF_TEST_REPORT_CUDA=1``: torch reports a CUDA device (``tests.cli_helpers.report_cuda``), so a run
+* ``CKTF_TEST_REPORT_CUDA=1``: torch reports a CUDA device (``tests.devices.report_cuda``), so a run
   that completes shows it chose the CPU as it would on a GPU machine. ARGS run on the CPU unless they name
-  ``--train.device`` (``tests.cli_helpers.on_cpu``).
+  ``--train.device`` (``tests.devices.on_cpu``).
 * ``CKTF_TEST_COMPARABLE=1``: make one process with batch B comparable to W ranks with B/W each: the student
   without BatchNorm (BatchNorm couples a rank's samples; SyncBatchNorm needs CUDA), no random augmentation, and
   negatives that depend on the anchor only (per-rank RNG draws differ with the world size by design).
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import dataloader
 
-from tests.cli_helpers import REPORT_CUDA_ENV, on_cpu, report_cuda
+from tests.devices import REPORT_CUDA_ENV, on_cpu, report_cuda
 
 
 def _signal_at(spec: str, rank: int) -> None:

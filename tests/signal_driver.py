@@ -3,7 +3,7 @@
 Usage: ``python -m tests.signal_driver SIGTERM 17 train-teacher --config …`` (N = 0: no signal). Batches of
 every loader count (training and evaluation), so N lands anywhere in a run, as a scheduler's SIGTERM, a
 user's Ctrl-C or a SIGKILL would. ARGS run on the CPU unless they name ``--train.device``, and
-``CKTF_TEST_REPORT_CUDA=1`` makes torch report a CUDA device (see ``tests.cli_helpers``).
+``CKTF_TEST_REPORT_CUDA=1`` makes torch report a CUDA device (see ``tests.devices``).
 """
 
 import os
@@ -12,7 +12,7 @@ import sys
 
 from torch.utils.data import dataloader
 
-from tests.cli_helpers import REPORT_CUDA_ENV, on_cpu, report_cuda
+from tests.devices import REPORT_CUDA_ENV, on_cpu, report_cuda
 
 
 def main() -> None:

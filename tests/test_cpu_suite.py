@@ -1,6 +1,6 @@
 """The suite's runs stay on the CPU on a GPU machine too (``train.device`` defaults to ``auto``).
 
-Torch is made to report a CUDA device (``tests.cli_helpers.report_cuda``); on this machine anything that
+Torch is made to report a CUDA device (``tests.devices.report_cuda``); on this machine anything that
 then touches CUDA fails, so a run that completes chose the CPU as it would on a GPU machine. The torchrun and
 signal drivers run every launch of tests/test_distributed.py and tests/test_interrupts.py this way.
 """
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import invoke, on_cpu, report_cuda
+from tests.cli_helpers import invoke
 from tests.data_fixtures import write_fashion_idx
+from tests.devices import on_cpu, report_cuda
 from transfer.engine.runtime import resolve_device
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs/fashion_split"

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli_helpers import REPORT_CUDA_ENV, invoke
+from tests.cli_helpers import invoke
 from tests.data_fixtures import write_fashion_idx
+from tests.devices import REPORT_CUDA_ENV
 from transfer.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from tests.cli_helpers import invoke, on_cpu, one_line_error
+from tests.cli_helpers import invoke, one_line_error
 from tests.data_fixtures import write_fashion_idx
+from tests.devices import on_cpu
 from transfer.cli import cli
 from transfer.engine.rundir import MARKER, prepare_run_dir
 
