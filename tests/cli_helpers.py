@@ -3,12 +3,14 @@
 import pytest
 from click.testing import CliRunner
 
+from tests.devices import on_cpu
 from transfer.cli import cli
 
 
 def invoke(*args: str) -> tuple[int, str]:
-    """Exit code and output of ``cktf ARGS``; unexpected exceptions (bugs) propagate with their traceback."""
-    result = CliRunner().invoke(cli, list(args))
+    """Exit code and output of ``cktf ARGS`` (on the CPU unless ARGS name a device, see :func:`on_cpu`);
+    unexpected exceptions (bugs) propagate with their traceback."""
+    result = CliRunner().invoke(cli, on_cpu(args))
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output
@@ -29,3 +31,4 @@ def assert_one_line(excinfo: pytest.ExceptionInfo, *fragments: str) -> None:
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message, message
+

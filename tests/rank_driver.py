@@ -14,6 +14,9 @@ Usage: ``torchrun --nproc_per_node 2 -m tests.rank_driver transfer --config …`
 * ``CKTF_TEST_SIMILARITY_NOISE=1``: the per-batch layer mapping's similarities get seeded noise, different on
   every rank and call and larger than their gaps (sub-batches that would each pick other blocks).
 * ``CKTF_TEST_RANK_ARGS=1:--train.lr 0.1``: extra arguments for rank 1 only (ranks that disagree).
+* ``CKTF_TEST_REPORT_CUDA=1``: torch reports a CUDA device (``tests.devices.report_cuda``), so a run
+  that completes shows it chose the CPU as it would on a GPU machine. ARGS run on the CPU unless they name
+  ``--train.device`` (``tests.devices.on_cpu``).
 * ``CKTF_TEST_COMPARABLE=1``: make one process with batch B comparable to W ranks with B/W each: the student
   without BatchNorm (BatchNorm couples a rank's samples; SyncBatchNorm needs CUDA), no random augmentation, and
   negatives that depend on the anchor only (per-rank RNG draws differ with the world size by design).
@@ -31,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import dataloader
+
+from tests.devices import REPORT_CUDA_ENV, on_cpu, report_cuda
 
 
 def _signal_at(spec: str, rank: int) -> None:
@@ -157,7 +162,9 @@ def _comparable() -> None:
 
 def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
-    args = sys.argv[1:]
+    args = on_cpu(sys.argv[1:])
+    if os.environ.get(REPORT_CUDA_ENV):
+        report_cuda()
     extra = os.environ.get("CKTF_TEST_RANK_ARGS")
     if extra and int(extra.split(":", 1)[0]) == rank:
         args += shlex.split(extra.split(":", 1)[1])

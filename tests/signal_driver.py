@@ -2,7 +2,8 @@
 
 Usage: ``python -m tests.signal_driver SIGTERM 17 train-teacher --config …`` (N = 0: no signal). Batches of
 every loader count (training and evaluation), so N lands anywhere in a run, as a scheduler's SIGTERM, a
-user's Ctrl-C or a SIGKILL would.
+user's Ctrl-C or a SIGKILL would. ARGS run on the CPU unless they name ``--train.device``, and
+``CKTF_TEST_REPORT_CUDA=1`` makes torch report a CUDA device (see ``tests.devices``).
 """
 
 import os
@@ -11,9 +12,13 @@ import sys
 
 from torch.utils.data import dataloader
 
+from tests.devices import REPORT_CUDA_ENV, on_cpu, report_cuda
+
 
 def main() -> None:
-    signum, at, args = getattr(signal, sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+    signum, at, args = getattr(signal, sys.argv[1]), int(sys.argv[2]), on_cpu(sys.argv[3:])
+    if os.environ.get(REPORT_CUDA_ENV):
+        report_cuda()
     original = dataloader._SingleProcessDataLoaderIter._next_data
     loaded = 0
 

@@ -14,7 +14,7 @@ from tests.data_fixtures import write_fashion_idx
 
 REPO = Path(__file__).resolve().parents[1]
 LOWRES = REPO / "configs/fashion_lowres"
-SMALL = ["--train.epochs", "1", "--train.batch_size", "16"]
+SMALL = ["--train.epochs", "1", "--train.batch_size", "16", "--train.device", "cpu"]
 # run name -> (end point it starts from, the one setting it changes, as saved in config.yaml)
 FLIPS = {
     "crd_reference_bn_linear": ("crd_reference", ("loss", "nce", "projection"), "bn_linear"),

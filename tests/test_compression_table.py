@@ -88,7 +88,7 @@ def test_the_script_runs_end_to_end_on_a_fixture(tmp_path):
     env = {**os.environ, "CKTF": str(bin_dir / "cktf"), "PYTHON": sys.executable, "SEEDS": "0 1",
            "COMPANIONS": "sp", "PYTHONPATH": str(REPO)}
     small = ["--data.root", str(tmp_path / "fashion"), "--train.epochs", "1", "--train.batch_size", "16",
-             "--sampler.num_negatives", "32"]
+             "--sampler.num_negatives", "32", "--train.device", "cpu"]
     proc = subprocess.run(["bash", "benchmarks/compression_table.sh", str(tmp_path / "runs"), str(tmp_path / "out"),
                            *small], cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -20,6 +20,7 @@ import yaml
 
 from tests.cli_helpers import invoke
 from tests.data_fixtures import write_fashion_idx
+from tests.devices import REPORT_CUDA_ENV
 from transfer.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +35,13 @@ def free_port() -> int:
 
 
 def launch(args: list[str], *, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node NPROC -m tests.rank_driver ARGS`` (a plain process for ``nproc=0``)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CKTF_DIST_TIMEOUT": "60", **env}
+    """``torchrun --nproc_per_node NPROC -m tests.rank_driver ARGS`` (a plain process for ``nproc=0``).
+
+    The ranks run on the CPU (gloo) with torch reporting a CUDA device, as they would on a GPU machine: a
+    test's run that touched CUDA would fail here (tests/rank_driver.py).
+    """
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CKTF_DIST_TIMEOUT": "60",
+                REPORT_CUDA_ENV: "1", **env}
     runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
               "127.0.0.1", "--master_port", str(free_port()), "-m", "tests.rank_driver"] if nproc else \
         [sys.executable, "-m", "tests.rank_driver"]

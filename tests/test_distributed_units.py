@@ -1,8 +1,4 @@
-"""The single-process pieces of multi-rank training: how ranks split the data, batch checks, bank storage types,
-and the GPU-check script's argument handling (it cannot run without CUDA)."""
-
-import subprocess
-from pathlib import Path
+"""The single-process pieces of multi-rank training: how ranks split the data, batch checks, bank storage types."""
 
 import pytest
 import torch
@@ -11,8 +7,6 @@ from transfer.data.order import EpochSampler, ShardSampler
 from transfer.engine.distributed import RankError, per_rank_batch
 from transfer.losses.memory_bank import MemoryBank
 from transfer.losses.nce import NCEObjective
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("num_items,world", [(50, 2), (50, 4), (64, 2)])
@@ -71,28 +65,3 @@ def test_half_precision_bank_update_is_normalised_in_fp32():
     bank.update(torch.tensor([1, 2]), torch.randn(2, 16))
     assert bank.weight.dtype == torch.float16
     assert torch.allclose(bank.weight[1:3].float().norm(dim=1), torch.ones(2), atol=1e-3)
-
-
-def run_gpu_check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(REPO / "benchmarks/gpu_check.sh"), *args], capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
-
-
-def test_gpu_check_lists_its_steps_and_refuses_bad_arguments():
-    dry = run_gpu_check("--dry-run", "--out", "/tmp/x")
-    assert dry.returncode == 0
-    steps = dry.stdout.splitlines()
-    assert len(steps) == 4 and "pytest" in steps[0] and "sampler.py --device cuda --parts tables" in steps[3]
-    assert all("--device cuda --settings stl10_vgg --methods kd,crd,cktf --negative-modes shared,per-anchor "
-               "--items 100000 --batch 64 --negatives 16384" in s for s in steps[1:3])
-    assert "train.precision=fp32" in steps[1] and "train.precision=bf16" in steps[2]
-    bad = run_gpu_check("--bogus")
-    assert bad.returncode == 2 and "unknown argument '--bogus'" in bad.stderr
-    assert run_gpu_check("--help").returncode == 0
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
-def test_gpu_check_fails_clearly_without_cuda(tmp_path):
-    done = run_gpu_check("--out", str(tmp_path / "out"))
-    assert done.returncode == 1 and "sees no CUDA device" in done.stderr
-    assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ import torch
 
 from tests.cli_helpers import invoke
 from tests.data_fixtures import write_fashion_idx
+from tests.devices import REPORT_CUDA_ENV
 from transfer.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def stage_args(data: Path, stage: str, runs: Path) -> list[str]:
 
 
 def cktf(signame: str, at: int, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), REPORT_CUDA_ENV: "1"}  # on the CPU although CUDA is reported
     return subprocess.run([sys.executable, "-m", "tests.signal_driver", signame, str(at), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 

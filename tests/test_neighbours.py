@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from transfer.errors import CKTFError
-from transfer.sampling import build_neighbour_table, cached_neighbour_table, file_sha256
+pytest.importorskip("faiss")  # the tables are faiss searches; a machine without faiss skips this file
+
+from transfer.errors import CKTFError  # noqa: E402
+from transfer.sampling import build_neighbour_table, cached_neighbour_table, file_sha256  # noqa: E402
 
 
 def _features(n: int = 500, c: int = 16, seed: int = 0) -> torch.Tensor:

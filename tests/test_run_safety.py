@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
 from tests.cli_helpers import invoke, one_line_error
 from tests.data_fixtures import write_fashion_idx
+from tests.devices import on_cpu
 from transfer.cli import cli
 from transfer.engine.rundir import MARKER, prepare_run_dir
 
@@ -157,7 +159,8 @@ def test_saved_config_says_what_was_used_and_files_share_one_mode(fashion, tmp_p
     run = tmp_path / "t"
     text = (run / "config.yaml").read_text()
     saved = yaml.safe_load(text)
-    assert saved["train"]["device"] == "cpu" and saved["train"]["threads"] >= 1
+    assert saved["train"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # auto, resolved
+    assert saved["train"]["threads"] >= 1
     assert saved["data"]["root"] == str(fashion)
     assert "# written by cktf" in text and "torch " in text
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run.iterdir() if p.is_file()}
@@ -177,8 +180,8 @@ def test_verbosity_flags_after_the_subcommand_and_probe_names_its_keys(fashion, 
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transfer.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    return subprocess.run([sys.executable, "-m", "transfer.cli", *on_cpu(args)], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
 
 
 def test_output_is_quiet_and_says_what_runs(fashion, tmp_path):

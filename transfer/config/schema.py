@@ -98,6 +98,10 @@ class TrainConfig:
     sync_bn: bool = option(False, help="under torchrun: SyncBatchNorm in the trained networks (batch statistics over "
                            "the global batch; CUDA only). false: per-rank statistics, running averages averaged "
                            "across ranks every epoch")
+    deterministic: bool = option(
+        False, help="deterministic kernels: cuDNN without autotuning, torch.use_deterministic_algorithms (ops "
+        "without a deterministic CUDA kernel warn), CUBLAS_WORKSPACE_CONFIG :4096:8. On CUDA needed for "
+        "bit-identical reruns and resumes; slower there. A run resumes only with the value it started with")
     checkpoint_every: int | str = option(
         0, help="also checkpoint inside an epoch, every N training steps (an integer) or every N minutes (e.g. "
         "'10min'), so a preempted run loses little; 0: at the end of each epoch only. SIGINT/SIGTERM always "

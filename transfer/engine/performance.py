@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from transfer.config import TrainConfig
-from transfer.engine.runtime import check_precision
+from transfer.engine.runtime import check_precision, use_deterministic_kernels
 from transfer.errors import CKTFError
 
 
@@ -64,10 +64,12 @@ def check_compile_available(device: torch.device) -> None:
 
 def check_runtime(device: torch.device, train: TrainConfig) -> None:
     """Check ``train.precision`` and ``train.compile`` against ``device`` before a stage touches its run
-    directory, so a setting the machine cannot run fails in one line and leaves nothing half-written."""
+    directory, so a setting the machine cannot run fails in one line and leaves nothing half-written; then
+    apply ``train.deterministic`` (before the stage's first CUDA work)."""
     check_precision(device, train.precision)
     if train.compile:
         check_compile_available(device)
+    use_deterministic_kernels(train.deterministic)
 
 
 def compile_module(module: nn.Module, device: torch.device) -> nn.Module:

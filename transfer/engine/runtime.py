@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import random
 from collections.abc import Iterator
 
@@ -50,6 +51,25 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     check_precision(device, precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def use_deterministic_kernels(enabled: bool) -> None:
+    """Switch torch to deterministic kernels (``train.deterministic``), or back to torch's defaults.
+
+    On CUDA, cuDNN's autotuner and several kernels (atomics in scatter/index-add backward, split-K GEMMs) can
+    differ from run to run in the last bits, so an interrupted-and-resumed run or a rerun is bit-identical only
+    with this on. ``warn_only``: an op without a deterministic CUDA kernel warns instead of stopping the run
+    (it may still differ). cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when it creates its handle, so it is set
+    here, before the first matrix product, unless the user set it.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
 
 
 def set_threads(threads: int) -> None:

@@ -45,6 +45,7 @@ RESUME_MAY_CHANGE = ("train.threads", "train.device", "data.root", "data.num_wor
                      "log.progress_every", "log.log_every", "log.tensorboard")
 # Keys added after runs were first written, with the value a config.yaml without them implies.
 IMPLIED_BY_OLDER_RUNS = {"data.augment": "per_image", "train.sync_bn": False, "loss.nce.bank_dtype": "fp32",
+                         "train.deterministic": False,
                          **{f"loss.terms.{term}.variant": "paper" for term in ("at", "cc", "rkd", "pkt", "ab", "ft")}}
 
 
