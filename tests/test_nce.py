@@ -70,6 +70,19 @@ def test_training_step_matches_oracle(shared, chunk_size):
     torch.testing.assert_close(nce.bank_teacher.weight, ref.bank_teacher.float(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [262144, 100])
+def test_repeated_indices_in_a_batch_match_the_oracle(chunk_size):
+    """An item twice in one (gathered) batch: the backward restores its pre-update row once, not twice."""
+    nce, g_s, g_t, indices, negatives = make_case(chunk_size=chunk_size)
+    indices[3] = indices[1]
+    old_s, old_t = banks(nce)
+    out = nce(g_s, g_t, indices, negatives)
+    out.loss.backward()
+    ref, grad_s, grad_t = run_oracle(old_s, old_t, g_s, g_t, indices, negatives)
+    assert rel(out.loss, ref.loss) < 1e-5
+    assert rel(g_s.grad, grad_s) < 1e-5 and rel(g_t.grad, grad_t) < 1e-5
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_chunked_scores_equal_unchunked(shared):
     whole, g_s, g_t, indices, negatives = make_case(shared)

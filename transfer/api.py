@@ -100,6 +100,8 @@ class CKTFLoss(nn.Module):
     The teacher is frozen (no gradients, eval mode, also after ``train()``). The objective owns the terms'
     trainable modules (projection heads: optimise :meth:`trainable_parameters`, which includes the student's)
     and one memory-bank row per dataset item, so every batch must come with the items' dataset indices.
+    Heads and banks are created on the networks' device (move both networks there first, e.g. ``.cuda()``);
+    each batch is moved there when the objective is called, and ``objective.to(device)`` moves everything.
 
     Args:
         student: the network to train (any model with default taps, e.g. a torchvision ResNet, or give
@@ -147,19 +149,27 @@ class CKTFLoss(nn.Module):
         self.loss_config = loss_config(terms, nce)
         needs = loss_objective.resolve_objective(self.loss_config)
         names = (type(student).__name__, type(teacher).__name__)
+        device = network_device(student, teacher)
+        sample_input = sample_input.to(device)
         was_training = student.training
         student_tapped, teacher_frozen = loss_objective.tap_pair(
             student, _spec(student, student_taps, "student"), teacher, _spec(teacher, teacher_taps, "teacher"),
             needs, names)
         ctx = loss_objective.term_context(student_tapped, teacher_frozen, tuple(sample_input.shape[1:]), num_items,
                                           lambda: sample_input, seed=seed, names=names)
-        built, weights = build_terms(self.loss_config, ctx)
+        with torch.device(device):  # heads and banks are created where the networks are, never copied there
+            built, weights = build_terms(self.loss_config, ctx)
         sampler = None
         if "negatives" in needs:
             sampler = build_sampler("uniform", num_items, num_negatives, shared=shared_negatives)
         self.task = TransferTask(student_tapped, teacher_frozen, built, weights, sampler)
         self.task.train(was_training)
         self.last_terms: dict[str, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the networks, heads and banks are (the networks' device when built; ``.to()`` moves them all)."""
+        return network_device(self.task.student, self.task.teacher)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -169,16 +179,28 @@ class CKTFLoss(nn.Module):
     def forward(self, images: torch.Tensor, indices: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """The weighted loss of one batch; ``targets`` only matter for a term that needs labels (``ce``;
-        default: unlabeled)."""
+        default: unlabeled). The batch is moved to :attr:`device` (e.g. a loader's CPU tensors)."""
+        device = self.device
+        images = images.to(device, non_blocking=True)
         if targets is None:
-            targets = torch.full((len(images),), -1, dtype=torch.long, device=images.device)
-        out = self.task.training_step(images, targets, indices.to(images.device))
+            targets = torch.full((len(images),), -1, dtype=torch.long, device=device)
+        out = self.task.training_step(images, targets.to(device, non_blocking=True),
+                                      indices.to(device, non_blocking=True))
         self.last_terms = out.terms
         return out.loss
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The student's parameters and the terms' (projection heads; never the teacher's)."""
         return self.task.trainable_parameters()
+
+
+def network_device(student: nn.Module, teacher: nn.Module) -> torch.device:
+    """The one device both networks' parameters and buffers are on (the CPU for networks without any)."""
+    found = {t.device for net in (student, teacher) for t in (*net.parameters(), *net.buffers())}
+    if len(found) > 1:
+        raise ValueError(f"the student and teacher must be on one device, found {', '.join(sorted(map(str, found)))}; "
+                         "move both there (e.g. .to('cuda')) before building CKTFLoss")
+    return found.pop() if found else torch.device("cpu")
 
 
 def load_teacher(path: str, option: str = "teacher") -> LoadedNetwork:

@@ -271,6 +271,22 @@ def enable_gather(module: nn.Module) -> None:
             sub.gather_distributed = active()
 
 
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm layer replaced by SyncBatchNorm (``train.sync_bn``).
+
+    Feature taps run a traced copy of their model's graph that holds the original layers, so every
+    :class:`~transfer.models.taps.FeatureTaps` inside is re-traced: otherwise the converted layers would sit
+    unused in the model while the old ones kept computing per-rank statistics.
+    """
+    from transfer.models.taps import FeatureTaps
+
+    module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for sub in module.modules():
+        if isinstance(sub, FeatureTaps):
+            sub.retrace()
+    return module
+
+
 def _batchnorms(module: nn.Module, training_only: bool = False) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """BatchNorm layers that track running statistics (``training_only``: those in training mode, i.e. not the
     frozen teacher's, which stays in eval)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 
 from transfer.errors import CKTFError
+
+log = logging.getLogger("cktf")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,7 +120,27 @@ def set_rng_state(state: dict) -> None:
                          int(has_gauss), float(gauss)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+        _set_cuda_rng_states(list(state["cuda"]))
+
+
+def _set_cuda_rng_states(states: list[torch.Tensor]) -> None:
+    """Restore the saved state of every CUDA device that exists here.
+
+    A process saves one state per device it could see; resumed on a machine (or a ``CUDA_VISIBLE_DEVICES``)
+    with fewer devices, the extra states have no device to go to, and torch's ``set_rng_state_all`` would
+    raise an IndexError for them.
+    """
+    present = torch.cuda.device_count()
+    for index, cuda_state in enumerate(states[:present]):
+        torch.cuda.set_rng_state(cuda_state, index)
+    if len(states) > present:
+        _warn_fewer_devices(len(states), present)
+
+
+@functools.cache
+def _warn_fewer_devices(saved: int, present: int) -> None:
+    log.warning(f"the checkpoint holds the CUDA RNG states of {saved} devices but this process sees {present}: "
+                f"restored those of the first {present}; random draws may differ from an uninterrupted run")
 
 
 def iter_chunks(n: int, size: int) -> Iterator[slice]:

@@ -73,7 +73,7 @@ class Engine:
         self.task = prepare_network(task, device, channels_last=cfg.channels_last)
         self.world = distributed.world_size()
         if cfg.sync_bn and self.world > 1:  # the frozen teacher's layers are converted too, but in eval they never sync
-            self.task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.task)
+            self.task = distributed.convert_sync_batchnorm(self.task)
         if cfg.compile:
             for network in self.task.compile_targets():
                 compile_module(network, device)
@@ -265,12 +265,13 @@ class Engine:
     def _reduce_step(self, terms: dict[str, torch.Tensor], signum: int | None,
                      due: bool) -> tuple[dict[str, torch.Tensor], int | None, bool]:
         """Global means of a step's logged terms, the agreed stop signal and whether a (time-based) checkpoint
-        is due on any rank, in one small all-gather per step; unchanged for one process."""
+        is due on any rank, in one small all-gather per step; unchanged for one process. Terms on another device
+        than the engine's (a term's diagnostic on the CPU) are moved to it first: the collective needs one."""
         if self.world == 1:
             return terms, signum, due
         keys = sorted(terms)
         flags = torch.tensor([float(signum or 0), float(due)], device=self.device)
-        local = torch.cat([torch.stack([terms[k].float().reshape(()) for k in keys]), flags])
+        local = torch.cat([torch.stack([terms[k].to(self.device, torch.float32).reshape(()) for k in keys]), flags])
         gathered = distributed.gather_cat(local[None])
         means = gathered[:, :-2].mean(dim=0)
         flags = gathered[:, -2:].amax(dim=0).tolist()

@@ -117,7 +117,8 @@ def choose_blocks(strategy: str, counts: list[int], generator: torch.Generator |
     if strategy == "first":
         return [0] * len(counts)
     if strategy == "random":
-        return [int(torch.randint(n, (1,), generator=generator)) for n in counts]
+        device = generator.device if generator is not None else None  # not the default device: the generator's
+        return [int(torch.randint(n, (1,), generator=generator, device=device)) for n in counts]
     raise ValueError(f"choose_blocks decides last, first or random, not {strategy!r}")
 
 

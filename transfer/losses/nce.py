@@ -252,7 +252,9 @@ class _PreUpdateRows:
 
     def __init__(self, weight: Tensor, rows: Tensor | None) -> None:
         self.weight = weight
-        self.rows = None if rows is None else torch.unique(rows)  # sorted
+        # sorted, repeats kept: ``torch.unique`` would stall a GPU in every training forward; the repeats are
+        # dropped in backward, which reads the rows on the host anyway
+        self.rows = None if rows is None else torch.sort(rows).values
         self.saved = None if self.rows is None else weight.index_select(0, self.rows)
         self.version = weight._version
 
@@ -261,14 +263,22 @@ class _PreUpdateRows:
         self.version = self.weight._version
 
     def pre_update_delta(self) -> tuple[list[int], Tensor, Tensor] | None:
-        """``(rows as a list, rows, old - current)`` for the rewritten rows; None if nothing was rewritten."""
+        """``(rows as a list, rows, old - current)`` for the distinct rewritten rows, ascending; None if nothing
+        was rewritten. Reading the rows is the backward's one host sync."""
         if self.weight._version != self.version:
             raise RuntimeError("an NCE memory bank was written between this loss's forward and backward; call "
                                "backward() before the next training forward of the NCEObjective")
         if self.rows is None:
             return None
+        rows, saved = self.rows, self.saved
+        row_list = rows.tolist()
+        first = [i for i, row in enumerate(row_list) if i == 0 or row != row_list[i - 1]]
+        if len(first) < len(row_list):
+            keep = torch.tensor(first, device=rows.device)
+            rows, saved = rows.index_select(0, keep), saved.index_select(0, keep)
+            row_list = [row_list[i] for i in first]
         dtype = torch.promote_types(self.weight.dtype, torch.float32)  # half-precision banks: the delta in fp32
-        return self.rows.tolist(), self.rows, self.saved.to(dtype) - self.weight.index_select(0, self.rows).to(dtype)
+        return row_list, rows, saved.to(dtype) - self.weight.index_select(0, rows).to(dtype)
 
 
 class _ColumnChunks:
@@ -291,8 +301,8 @@ class _ColumnChunks:
             return
         flat = columns.reshape(-1)
         chunk_of, self.order = torch.sort((flat // chunk_columns).int(), stable=True)
-        counts = torch.bincount(chunk_of, minlength=-(-num_items // chunk_columns))
-        self.bounds = [0, *torch.cumsum(counts, 0).tolist()]
+        starts = torch.arange(-(-num_items // chunk_columns) + 1, dtype=chunk_of.dtype, device=chunk_of.device)
+        self.bounds = torch.searchsorted(chunk_of, starts).tolist()  # the one host sync (bincount needs two)
         start = chunk_of.long() * chunk_columns
         width = (num_items - start).clamp_(max=chunk_columns)
         self.offsets = (self.order // columns.shape[1]) * width + flat.index_select(0, self.order) - start

@@ -186,6 +186,12 @@ class FeatureTaps(nn.Module):
             extractor.train(self.training)
         self.__dict__["_extractor"] = extractor  # not a child: no duplicate parameters or state_dict keys
 
+    def retrace(self) -> None:
+        """Trace the model again after modules inside it were replaced, e.g. BatchNorm by SyncBatchNorm
+        (``nn.SyncBatchNorm.convert_sync_batchnorm``): the traced graph holds the modules it was traced with,
+        so until then a forward would still run the replaced ones."""
+        self._build()
+
     def __getstate__(self) -> dict[str, Any]:
         # A pickled GraphModule comes back single-graph; re-trace the unpickled model instead.
         state = self.__dict__.copy()

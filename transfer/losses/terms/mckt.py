@@ -145,9 +145,19 @@ class ModuleContrastTerm(LossTerm):
         self.pairs = nn.ModuleDict(pairs)
         self.register_buffer("mapping", torch.tensor(mapping, dtype=torch.long))
         self._last: list[int] = []
+        self._fixed: list[int] | None = None  # a mapping that never moves, read once (not once per step)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._fixed = None
 
     def _pairs(self, batch: TransferBatch) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        self._last = self.mapper(batch.student, batch.teacher, self.mapping)
+        if self.mapper.moves:
+            self._last = self.mapper(batch.student, batch.teacher, self.mapping)
+        else:
+            if self._fixed is None:
+                self._fixed = self.mapping.tolist()
+            self._last = self._fixed
         return paired_features(batch.student, batch.teacher, self._last)
 
     def forward(self, batch: TransferBatch) -> dict[str, torch.Tensor]:
@@ -159,7 +169,9 @@ class ModuleContrastTerm(LossTerm):
     def diagnostics(self) -> dict[str, torch.Tensor]:
         if not self.mapper.moves:
             return {}
-        return {f"mapping/stage{i + 1}": torch.tensor(float(block)) for i, block in enumerate(self._last)}
+        device = self.mapping.device  # the losses' device: the engine stacks diagnostics with them
+        return {f"mapping/stage{i + 1}": torch.tensor(float(block), device=device)
+                for i, block in enumerate(self._last)}
 
     @torch.no_grad()
     def fill_banks(self, batch: TransferBatch) -> None:
