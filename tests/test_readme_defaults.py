@@ -16,8 +16,9 @@ from transfer.losses.terms.registry import TERMS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 KEY = r"(?:--)?([a-z_]+(?:\.[a-z_0-9]+)+)"
-# `key value` (default) | `key` (default on/off) | The library defaults (`key value`, `key value`, ...)
-CLAIMS = [re.compile(rf"`{KEY} ([^`]+)` \((?:the )?default\b"),
+# `key value` (default) | `key value` (default other) | `key` (default on/off) | The library defaults (`key value`, …)
+CLAIMS = [re.compile(rf"`{KEY} ([^`]+)` \((?:the )?default\)"),
+          re.compile(rf"`{KEY} [^`]+` \(default:? ([\w.-]+)"),
           re.compile(rf"`{KEY}` \(default (on|off)\b")]
 LIST_OF_DEFAULTS = re.compile(r"defaults \(((?:[^()]|\([^()]*\))*)\)")
 PAIR = re.compile(rf"`{KEY} ([^`]+)`")
