@@ -167,7 +167,7 @@ class TimedBatches:
     For batch ``i`` it records ``fetch_s[i]`` (getting the batch from ``source``: loading, transforms) and
     ``compute_s[i]`` (from handing the batch to the loop until the loop asks for the next one: the whole
     training step, logging included). CUDA work is synchronised at both boundaries. It has ``__len__`` and
-    a ``generator`` attribute (that of ``source``, or None) so a training loop treats it as its DataLoader;
+    a ``sampler`` attribute (that of ``source``, or None) so a training loop treats it as its DataLoader;
     ``on_exhausted`` runs once after the last batch's step (e.g. to read the peak memory of the steps).
     """
 
@@ -176,7 +176,7 @@ class TimedBatches:
         self.source = source
         self.limit = limit
         self.device = device
-        self.generator = getattr(source, "generator", None)
+        self.sampler = getattr(source, "sampler", None)
         self.on_exhausted = on_exhausted
         self.fetch_s: list[float] = []
         self.compute_s: list[float] = []

@@ -172,7 +172,7 @@ def test_loader_defaults():
     cpu = torch.device("cpu")
     assert not make_loader(data, 4, train=True, num_workers=0, device=cpu).pin_memory
     assert make_loader(data, 4, train=True, num_workers=2, device=torch.device("cuda")).pin_memory
-    assert not make_loader(data, 4, train=True, num_workers=2, device=cpu).persistent_workers
-    deterministic = make_loader(data, 4, train=True, num_workers=2, device=cpu, random_items=False)
-    assert deterministic.persistent_workers and deterministic.prefetch_factor == 4
+    for random_items in (True, False):  # items seeded per (epoch, index): workers can persist either way
+        loader = make_loader(data, 4, train=True, num_workers=2, device=cpu, random_items=random_items)
+        assert loader.persistent_workers and loader.prefetch_factor == 4
     assert make_loader(data, 4, train=False, num_workers=2, device=cpu).persistent_workers

@@ -12,11 +12,11 @@ Under torchrun (see :mod:`transfer.engine.distributed`) the task's trainable par
 ``DistributedDataParallel`` (gradients averaged, so weights stay identical on every rank), memory banks and
 ``Z`` take every rank's batch into account, and per step one small all-gather carries the loss terms and the
 stop flag, so logged numbers are global means and all ranks stop at the same step after a signal reaches
-any of them. Each rank seeds its global RNGs (augmentation, negatives) from ``(seed, epoch, rank)``; the data
-order stays a function of ``(seed, epoch)``. BatchNorm running statistics are averaged across ranks at the
-end of every epoch (or kept identical by ``train.sync_bn``). Rank 0 alone writes checkpoints and logs; the
-other ranks wait until a checkpoint is on disk. A checkpoint holds every rank's RNG state and BatchNorm
-statistics, so a resume inside an epoch is exact.
+any of them. Each rank seeds its global RNGs (batched augmentation, negatives) from ``(seed, epoch, rank)``; the
+data order and per-image augmentation stay a function of ``(seed, epoch)`` and the sample index. BatchNorm
+running statistics are averaged across ranks at the end of every epoch (or kept identical by ``train.sync_bn``).
+Rank 0 alone writes checkpoints and logs; the other ranks wait until a checkpoint is on disk. A checkpoint holds
+every rank's RNG state and BatchNorm statistics, so a resume inside an epoch is exact.
 """
 
 from __future__ import annotations
@@ -199,8 +199,7 @@ class Engine:
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 seed = derive_seed(self.cfg.seed, epoch)
                 seed_everything(distributed.rank_seed(seed))
-                if getattr(train_loader, "generator", None) is not None:
-                    train_loader.generator.manual_seed(seed)  # the data order: the same on every rank
+                _reseed_order(train_loader, seed)
                 lr = apply_lr(self.cfg, self.optimizer, epoch)
                 progress, self.progress = self.progress, None
                 train_metrics = self._train_epoch(train_loader, epoch, augment, stop, progress)
@@ -293,9 +292,6 @@ class Engine:
                 raise CKTFError("this training loader cannot resume inside an epoch (its sampler has no skip)")
             skip(done * int(loader.batch_size))
             set_rng_state(progress["rng"])  # this rank's
-            if loader.num_workers > 0 and getattr(loader, "random_items", False):
-                self.logger.warning("resuming inside an epoch with per-image augmentation in loader workers: the "
-                                    "rest of this epoch's augmentation differs from an uninterrupted run")
         every_steps, every_seconds = self.cfg.checkpoint_interval
         start = last_save = last_line = time.perf_counter()
         total = len(loader)
@@ -365,6 +361,16 @@ class _TrainingStep(torch.nn.Module):
                 indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.task.training_step(images, targets, indices)
         return out.loss, out.terms
+
+
+def _reseed_order(loader: DataLoader, seed: int) -> None:
+    """Fix the epoch's data order and per-item seeds from ``seed`` (the same on every rank): through the
+    sampler's ``reseed`` (:class:`~transfer.data.order.EpochSampler`), else the loader's generator."""
+    reseed = getattr(getattr(loader, "sampler", None), "reseed", None)
+    if reseed is not None:
+        reseed(seed)
+    elif getattr(loader, "generator", None) is not None:
+        loader.generator.manual_seed(seed)
 
 
 def _summary(row: Mapping[str, float], epochs: int) -> str:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import json
 import logging
 import os
 import platform
-import random
 import time
 import warnings
 from collections.abc import Callable
@@ -16,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,13 +23,12 @@ from transfer.config.schema import available_cpus
 from transfer.data import build_dataset
 from transfer.data.batch_augment import BatchTransform, build_batch_transform
 from transfer.data.indexed import IndexedSubset, holdout_split
-from transfer.data.order import EpochSampler, ShardSampler
+from transfer.data.order import EpochSampler, SeededItems, ShardSampler
 from transfer.data.transforms import build_decode_transform, build_transform
 from transfer.engine import distributed
 from transfer.engine.checkpoint import load_checkpoint
 from transfer.engine.logger import RunLogger
 from transfer.engine.rundir import RunDir, prepare_run_dir, write_text_atomic
-from transfer.engine.runtime import derive_seed
 from transfer.engine.task import Task
 from transfer.engine.trainer import Engine
 from transfer.errors import CKTFError
@@ -119,45 +115,43 @@ def input_resolution(data: DataConfig) -> str:
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, device: torch.device,
                 random_items: bool = True) -> DataLoader:
-    """A DataLoader with its own generator (reseeded by the engine every epoch for exact resumes).
+    """A DataLoader; a training loader visits the data through an :class:`EpochSampler` (reseeded by the engine
+    every epoch), so a run can resume inside an epoch.
 
-    A training loader visits the data through an :class:`EpochSampler`, so a run can resume inside an epoch.
+    A training loader reads ``dataset`` through :class:`SeededItems`: with ``random_items`` (per-image
+    augmentation) each item's randomness is seeded from the epoch's seed and the item's index, so the number
+    of workers, and which of them reads an item, never changes a result. The loader draws its workers' base
+    seed from a generator of its own, never from the global RNG or the sampler's.
 
     Under torchrun ``batch_size`` is the *global* batch: a training loader gives each rank
     ``batch_size / world_size`` items per step (its slice of the global batch), and an evaluation loader
     visits this rank's shard of the split (:class:`ShardSampler`; the task sums the results across ranks).
 
-    Memory is pinned only for CUDA. Workers persist across epochs, except for a training loader whose
-    items are random (``random_items``: per-image augmentation), because a persistent worker would carry
-    its RNG state into the next epoch instead of being reseeded from ``(seed, epoch)``, and a resumed run
-    would then differ. Items are small (uint8 with batched augmentation), so workers prefetch 4 batches.
+    Memory is pinned only for CUDA. Workers persist across epochs and prefetch 4 batches (items are small:
+    uint8 with batched augmentation).
     """
     workers: dict[str, Any] = {}
     world, rank = distributed.world_size(), distributed.rank()
     _check_worker_count(num_workers)
     if num_workers > 0:
-        workers = {"persistent_workers": not (train and random_items), "prefetch_factor": 4}
-        if world > 1:
-            workers["worker_init_fn"] = functools.partial(_reseed_worker, rank)
-    generator = torch.Generator() if train else None
+        workers = {"persistent_workers": True, "prefetch_factor": 4}
     sampler: Any = None
     if train:
-        sampler = EpochSampler(len(dataset), generator, rank=rank, world_size=world,
+        sampler = EpochSampler(len(dataset), torch.Generator(), rank=rank, world_size=world,
                                batch_size=distributed.per_rank_batch(batch_size, world))
+        dataset = SeededItems(dataset, random_items)
     elif world > 1:
         sampler = ShardSampler(len(dataset), rank, world)
-    loader = DataLoader(
+    return DataLoader(
         dataset,
         batch_size=batch_size // world if train else batch_size,
         sampler=sampler,
         drop_last=train and len(dataset) >= batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        generator=generator,
+        generator=torch.Generator() if train else None,
         **workers,
     )
-    loader.random_items = random_items
-    return loader
 
 
 def _check_worker_count(num_workers: int) -> None:
@@ -174,15 +168,6 @@ def _check_worker_count(num_workers: int) -> None:
 _WARNED_WORKERS: set[int] = set()
 
 
-def _reseed_worker(rank: int, worker_id: int) -> None:
-    """Under torchrun: a loader worker's RNGs from its own seed and the rank (the loader generator, hence the
-    workers' base seed, is the same on every rank), so ranks do not draw the same per-image augmentation."""
-    seed = derive_seed(torch.initial_seed(), rank)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 def write_run_config(run: RunDir, cfg: Any, *, resume: bool, allow_change: tuple[str, ...] = ()) -> None:
     """Save the resolved config; on resume, refuse a config that would change the run's result.
 
@@ -194,13 +179,9 @@ def write_run_config(run: RunDir, cfg: Any, *, resume: bool, allow_change: tuple
         now = flatten_config(config_to_dict(cfg))
         implied = {key: value for key, value in IMPLIED_BY_OLDER_RUNS.items() if key in now}
         saved = {**implied, **flatten_config(read_yaml_mapping(run.config, "the config of the run to resume"))}
-        # per-image augmentation draws in the loader's workers, seeded per worker: their number matters then
-        may_change = set(RESUME_MAY_CHANGE)
-        if now.get("data.augment") == "per_image":
-            may_change.discard("data.num_workers")
         changed = {key: (saved.get(key), now.get(key)) for key in sorted(set(saved) | set(now))
                    if saved.get(key) != now.get(key)}
-        refused = [key for key in changed if key not in may_change and key not in allow_change]
+        refused = [key for key in changed if key not in RESUME_MAY_CHANGE and key not in allow_change]
         if refused:
             listed = ", ".join(f"{key} ({changed[key][0]!r} -> {changed[key][1]!r})" for key in refused)
             raise CKTFError(f"--resume with a different config than {run.config}: {listed}; resume with the "
