@@ -73,6 +73,21 @@ def test_default_taps_read_timm_own_features(weights, name):
         assert [s.shape[1] for s in out.stages] == widths and out.stem.dim() == 4
 
 
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "resnext26ts"])
+def test_default_taps_of_heads_traced_through_and_trailing_feature_entries(name):
+    """MobileNetV3's classifier is a timm Linear the tracer goes into; resnext26ts's last feature_info entry is
+    a parameterless final_conv after the last stage (still a stage)."""
+    torch.manual_seed(0)
+    model = build_model(f"timm.{name}", num_classes=3).eval()
+    spec = tap_spec_for(f"timm.{name}", model)
+    assert len(spec.stages) == 4
+    out = FeatureTaps(model, spec).eval()(x := _input())
+    with torch.no_grad():
+        assert torch.allclose(out.penultimate, model.forward_head(model.forward_features(x), pre_logits=True))
+        assert torch.allclose(out.logits, model(x), atol=1e-5)
+        assert torch.allclose(out.stages[-1], model.forward_features(x), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("kind", ["pth", "safetensors"])
 def test_import_reads_classes_and_pretrained_cfg_and_computes_the_same(weights, tmp_path, name, kind):

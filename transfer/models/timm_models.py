@@ -127,7 +127,8 @@ def timm_spec(model: nn.Module) -> TapSpec:
         blocks = [tuple(info[j]["module"] for j in range(bounds[k], bounds[k + 1])) for k in range(len(picks))]
         entry = info[0]["module"]
     else:
-        stages = [entry["module"] for entry in info if _is_stage(entry["module"], modules)]
+        lead = next((i for i, entry in enumerate(info) if _is_stage(entry["module"], modules)), len(info))
+        stages = [entry["module"] for entry in info[lead:]]
         blocks = [_stage_blocks(stage, modules) for stage in stages]
         entry = stages[0] if stages else ""
     if not stages:
@@ -138,7 +139,8 @@ def timm_spec(model: nn.Module) -> TapSpec:
 
 
 def _is_stage(path: str, modules: dict[str, nn.Module]) -> bool:
-    """A stage holds parameterised blocks; stem entries (an activation, a ``stem`` conv) do not count."""
+    """A stage holds parameterised blocks; leading stem entries (an activation, a ``stem`` conv) do not count
+    (a trailing parameterless entry, such as a ``final_conv`` identity after the last stage, does)."""
     module = modules.get(path)
     return module is not None and "stem" not in path.split(".") and any(
         True for child in module.children() if any(True for _ in child.parameters()))
@@ -153,9 +155,8 @@ def _stage_blocks(stage: str, modules: dict[str, nn.Module]) -> tuple[str, ...]:
 
 
 def _graph_ends(model: nn.Module, first_stage: str) -> tuple[str, str, str]:
-    """(stem, penultimate, logits) node names: the input of module ``first_stage``, the classifier's input (before
-    dropout) and the model's output, read off one eval-mode FX trace."""
-    from torch import fx
+    """(stem, penultimate, logits) node names: the input of module ``first_stage``, the classifier's input
+    (before dropout) and the model's output, read off one eval-mode FX trace."""
     from torchvision.models.feature_extraction import NodePathTracer
 
     classifier = model.get_classifier()
@@ -167,21 +168,25 @@ def _graph_ends(model: nn.Module, first_stage: str) -> tuple[str, str, str]:
     finally:
         model.train(was_training)
     names = tracer.node_to_qualname
-
-    def inside(node: fx.Node) -> bool:
-        return names.get(node, "") == first_stage or names.get(node, "").startswith(first_stage + ".")
-
-    first = next((node for node in graph.nodes if inside(node) and node.op != "get_attr"), None)
-    stem = next((arg for arg in (first.args if first is not None else ()) if isinstance(arg, fx.Node)
-                 and arg.op != "get_attr" and arg in names and not inside(arg)), None)
-    head_node = next((node for node in reversed(graph.nodes) if node.op == "call_module" and node.target == head),
-                     None)
+    stem = _input_of(graph, names, first_stage)
+    before = _input_of(graph, names, head) if head else None
     output = next(node for node in graph.nodes if node.op == "output").args[0]
-    if stem is None or head_node is None or not isinstance(output, fx.Node) or output not in names:
+    if stem is None or before is None or output not in names:
         raise CKTFError(f"timm {type(model).__name__}: cannot find its stem or classifier in the traced graph; "
                         "name its graph nodes under taps (stem, stages, penultimate, logits)")
-    before = head_node.args[0]
-    while (isinstance(before, fx.Node) and before.op == "call_module"
-           and isinstance(model.get_submodule(before.target), nn.Dropout)):
+    while before.op == "call_module" and isinstance(model.get_submodule(before.target), nn.Dropout):
         before = before.args[0]
     return names[stem], names[before], names[output]
+
+
+def _input_of(graph: Any, names: dict, module: str) -> Any:
+    """The node feeding module ``module``: the first input from outside it of its first computing node (whether
+    the tracer kept the module whole or traced through it)."""
+    from torch import fx
+
+    def inside(node: fx.Node) -> bool:
+        return names.get(node, "") == module or names.get(node, "").startswith(module + ".")
+
+    first = next((node for node in graph.nodes if inside(node) and node.op != "get_attr"), None)
+    return next((arg for arg in (first.args if first is not None else ()) if isinstance(arg, fx.Node)
+                 and arg.op != "get_attr" and arg in names and not inside(arg)), None)
