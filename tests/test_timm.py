@@ -143,6 +143,16 @@ def test_without_timm_only_timm_names_fail(monkeypatch):
     assert str(info.value) == "timm models need the timm package: pip install 'cktf[timm]'"
 
 
+def test_no_module_imports_timm_until_a_timm_name_is_used():
+    import subprocess
+
+    code = ("import sys; import transfer.cli, transfer.stages.import_teacher, transfer.stages.transfer, "
+            "linear_probe.stage, transfer.api; from transfer.models import build_model, tap_spec_for; "
+            "tap_spec_for('resnet8', build_model('resnet8')); assert 'timm' not in sys.modules, 'timm imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+
+
 def test_channels_last_families_need_named_taps():
     with torch.device("meta"):
         model = build_model("timm.swin_tiny_patch4_window7_224", num_classes=3)

@@ -488,7 +488,8 @@ def methods_cmd() -> None:
 @cli.command("models")
 @verbosity_options
 def models_cmd() -> None:
-    """List the registered model names."""
+    """List the registered model names (also accepted: torchvision.<arch> and timm.<name>, the latter with
+    pip install 'cktf[timm]')."""
     from transfer.models import list_models
 
     for name in list_models():
