@@ -84,7 +84,7 @@ def _backbone(cfg: ProbeConfig, student: str | None, in_channels: int) -> Backbo
         return Backbone(PixelFeatures(), cfg.probe.label or "pixels", None, Path(cfg.probe.out), "pixels", None)
     if kind == "random":
         seed_everything(cfg.train.seed)
-        model = build_model(cfg.probe.model, in_channels=in_channels, num_classes=10)
+        model = build_model(cfg.probe.model, in_channels=in_channels, num_classes=10, option="probe.model")
         return Backbone(network_features(model, cfg.probe.model, {}), cfg.probe.label or "random_init", in_channels,
                         Path(cfg.probe.out), f"random:{cfg.probe.model}", None)
     if student is None:

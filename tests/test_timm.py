@@ -238,3 +238,15 @@ def test_python_api_with_a_timm_teacher():
     optimizer.step()
     assert torch.isfinite(loss) and {"pckt", "kd", "mckt/stem", "mckt/stage4"} <= set(objective.last_terms)
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_unknown_timm_student_and_probe_model_name_their_option(folder):
+    code, out = invoke("transfer", "--config", str(CONFIGS / "kd.yaml"), "--teacher",
+                       str(folder / "resnet10.safetensors"), "--student.name", "timm.resnt18", "--data.root",
+                       str(folder / "images"), "--log.root", str(folder / "runs"), "--log.name", "typo")
+    one_line_error(code, out, "unknown timm model 'resnt18' (option student.name); closest: resnet18,")
+    assert not (folder / "runs/typo").exists()
+    code, out = invoke("probe", "--probe.backbone", "random", "--probe.model", "timm.resnt18", "--config",
+                       str(CONFIGS / "probe.yaml"), "--data.root", str(folder / "images"), "--probe.out",
+                       str(folder / "probe_typo"), "--data.num_workers", "0")
+    one_line_error(code, out, "(option probe.model); closest: resnet18,")

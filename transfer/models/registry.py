@@ -148,9 +148,10 @@ def _positive_int(value: object, option: str) -> int:
     return value
 
 
-def build_model(name: str, in_channels: int = 3, num_classes: int = 100) -> nn.Module:
-    """Build registered model ``name`` with freshly initialised weights."""
-    entry = get_entry(name)
+def build_model(name: str, in_channels: int = 3, num_classes: int = 100, option: str = "model.name") -> nn.Module:
+    """Build registered model ``name`` with freshly initialised weights (``option``: the config key naming it,
+    for errors)."""
+    entry = get_entry(name, option)
     _positive_int(in_channels, "model.in_channels")
     _positive_int(num_classes, "model.num_classes")
     return entry.builder(in_channels, num_classes)
