@@ -250,3 +250,18 @@ def test_unknown_timm_student_and_probe_model_name_their_option(folder):
                        str(CONFIGS / "probe.yaml"), "--data.root", str(folder / "images"), "--probe.out",
                        str(folder / "probe_typo"), "--data.num_workers", "0")
     one_line_error(code, out, "(option probe.model); closest: resnet18,")
+
+
+def test_sync_batchnorm_conversion_keeps_timm_norm_activations():
+    """timm's BatchNormAct2d (EfficientNet, RegNet) applies its activation; torch's SyncBatchNorm conversion would
+    drop it, so train.sync_bn would silently train another network."""
+    from transfer.models.timm_models import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model("timm.efficientnet_b0", num_classes=3).eval()
+    x = _input()
+    with torch.no_grad():
+        expected = model(x)
+        converted = convert_sync_batchnorm(model).eval()
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules())
+        assert torch.allclose(converted(x), expected, atol=1e-5)

@@ -47,6 +47,7 @@ from transfer.engine.schedule import apply_lr, build_optimizer
 from transfer.engine.signals import StopRequest
 from transfer.engine.task import StepOutput, Task
 from transfer.errors import CKTFError, RunInterrupted
+from transfer.models.timm_models import convert_sync_batchnorm
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Engine:
         self.task = prepare_network(task, device, channels_last=cfg.channels_last)
         self.world = distributed.world_size()
         if cfg.sync_bn and self.world > 1:  # the frozen teacher's layers are converted too, but in eval they never sync
-            self.task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.task)
+            self.task = convert_sync_batchnorm(self.task)  # timm's BatchNormAct keeps its activation
         if cfg.compile:
             for network in self.task.compile_targets():
                 compile_module(network, device)

@@ -102,6 +102,19 @@ def tracer_kwargs() -> dict[str, list]:
     return {"leaf_modules": list(get_notrace_modules()), "autowrap_functions": list(get_notrace_functions())}
 
 
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with SyncBatchNorm layers: torch's conversion, or timm's where ``module`` holds timm layers.
+
+    timm's ``BatchNormAct2d`` is a ``BatchNorm2d`` that also applies its activation; torch's conversion would
+    replace it with a plain ``SyncBatchNorm`` and silently drop the activation, timm's keeps it.
+    """
+    if any(is_timm_model(m) for m in module.modules()):
+        from timm.layers import convert_sync_batchnorm as timm_convert
+
+        return timm_convert(module)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
 def is_timm_model(model: nn.Module) -> bool:
     """Whether ``model`` is a timm network (its class lives in the ``timm`` package)."""
     return type(model).__module__.split(".", 1)[0] == "timm"
