@@ -132,6 +132,9 @@ def test_unknown_names_and_misfit_weights_are_one_line(weights, tmp_path):
     assert not out.exists()
     with pytest.raises(CKTFError, match=r"\(option student.name\); closest: resnet18,"):
         get_entry("timm.resnet18x", "student.name")
+    with pytest.raises(CKTFError, match=r"no pretrained tag 'bogus' \(option --arch\); its tags: a1_in1k, "):
+        get_entry("timm.resnet18.bogus", "--arch")
+    assert get_entry("timm.resnet18.a1_in1k", "--arch").family == "timm"
 
 
 def test_without_timm_only_timm_names_fail(monkeypatch):

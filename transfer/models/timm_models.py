@@ -46,11 +46,18 @@ def import_timm() -> Any:
 
 
 def check_name(arch: str, option: str) -> None:
-    """Refuse a name timm does not know, in one line with the closest names it does."""
+    """Refuse a name timm does not know, in one line with the closest names it does (``name.tag`` names one of
+    the model's pretrained configurations: its input settings, never a download)."""
     timm = import_timm()
-    base = arch.split(".", 1)[0]
-    if timm.is_model(base):
+    base, _, tag = arch.partition(".")
+    if timm.is_model(base) and not tag:
         return
+    if timm.is_model(base):
+        tags = timm.list_pretrained(f"{base}.*")
+        if arch in tags:
+            return
+        raise CKTFError(f"timm model {base!r} has no pretrained tag {tag!r} (option {option}); its tags: "
+                        f"{', '.join(t.partition('.')[2] for t in tags) or 'none'}")
     close = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
     hint = f"closest: {', '.join(close)}" if close else "see timm.list_models()"
     raise CKTFError(f"unknown timm model {arch!r} (option {option}); {hint}")
