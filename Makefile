@@ -13,6 +13,7 @@ RUNS ?= runs
 
 setup: $(VENV)/.installed fashion-data
 
+# '.[dev]' includes the optional timm extra, which the tests need.
 # torch/torchvision come from the package registry (their CUDA build also runs on CPU). pip's config
 # files and PIP_FIND_LINKS are ignored here so a local CPU-only torch wheel is never mixed in.
 PIP_ENV := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null CKTF_FAISS=$(FAISS)

@@ -1,5 +1,8 @@
 """Installable package ``cktf`` (import packages ``transfer`` and ``linear_probe``; console script ``cktf``).
 
+timm models (``timm.<name>``) need the optional extra: ``pip install -e '.[timm]'`` (``dev`` includes it, so
+``make setup`` installs it for the tests).
+
 faiss: ``faiss-cpu`` by default. For GPU indexes install with ``CKTF_FAISS=gpu pip install -e '.[gpu]'``,
 which swaps it for ``faiss-gpu`` (both ship the same ``faiss`` module, so they must not be installed together).
 """
@@ -30,6 +33,7 @@ requirements = [
     "numpy>=1.24",
     "matplotlib>=3.7",
 ]
+TIMM = ["timm>=0.9"]
 if not FAISS_GPU:
     requirements.append("faiss-cpu>=1.8")
 
@@ -47,7 +51,8 @@ setup(
     install_requires=requirements,
     extras_require={
         "gpu": ["faiss-gpu>=1.8"],
-        "dev": ["pytest>=7.4", "ruff>=0.4", "hypothesis>=6.90"],
+        "timm": TIMM,
+        "dev": ["pytest>=7.4", "ruff>=0.4", "hypothesis>=6.90", *TIMM],
     },
     entry_points={"console_scripts": ["cktf = transfer.cli:main"]},
 )

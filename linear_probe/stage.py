@@ -84,7 +84,7 @@ def _backbone(cfg: ProbeConfig, student: str | None, in_channels: int) -> Backbo
         return Backbone(PixelFeatures(), cfg.probe.label or "pixels", None, Path(cfg.probe.out), "pixels", None)
     if kind == "random":
         seed_everything(cfg.train.seed)
-        model = build_model(cfg.probe.model, in_channels=in_channels, num_classes=10)
+        model = build_model(cfg.probe.model, in_channels=in_channels, num_classes=10, option="probe.model")
         return Backbone(network_features(model, cfg.probe.model, {}), cfg.probe.label or "random_init", in_channels,
                         Path(cfg.probe.out), f"random:{cfg.probe.model}", None)
     if student is None:
@@ -290,6 +290,7 @@ def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRe
     d = cfg.data
     data = probe_data(cfg, student)
     backbone = _backbone(cfg, student, data.train.in_channels)
+    check_same_backbone(backbone, request)  # before any work
     if backbone.in_channels is not None and backbone.in_channels != data.train.in_channels:
         raise CKTFError(f"{backbone.source} takes {backbone.in_channels}-channel images but {d.name} has "
                         f"{data.train.in_channels}")
@@ -304,7 +305,6 @@ def run_probe(cfg: ProbeConfig, student: str | None, request: RunRequest = RunRe
 
     metadata = {"kind": "probe", "method": backbone.label, "backbone": backbone.source,
                 "backbone_sha256": backbone.identity}
-    check_same_backbone(backbone, request)
     option = "probe.out" if cfg.probe.out else "probe.out (default: <run dir>/probe, or probe_<name> beside the file)"
     describe = (f"probe ({cfg.probe.mode}): {backbone.source} on {d.name}/{d.train_split} ({len(data.keep)} "
                 f"labeled, test {len(data.test)})")

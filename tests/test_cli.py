@@ -187,7 +187,12 @@ def test_a_long_phase_before_training_says_what_it_does(caplog):
 
     from transfer.engine.logger import phase
 
-    with caplog.at_level(logging.INFO, logger="cktf"), phase("filling the memory banks (400 images)"):
-        pass
+    import time
+
+    with caplog.at_level(logging.INFO, logger="cktf"):
+        with phase("quick"):
+            pass
+        with phase("filling the memory banks (400 images)", after_s=0.05):
+            time.sleep(0.3)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0] == "filling the memory banks (400 images) …" and lines[1].endswith(" s")
+    assert lines[0] == "filling the memory banks (400 images) …" and lines[1].endswith(" s") and len(lines) == 2

@@ -298,8 +298,9 @@ def _mapping(ctx: click.Context, param: click.Parameter, value: str | None) -> d
 
 
 @cli.command("import-teacher")
-@click.option("--arch", required=True, help="Architecture of the weights: a registry name (cktf models) or "
-              "torchvision.<arch>, e.g. torchvision.resnet50.")
+@click.option("--arch", required=True, help="Architecture of the weights: a registry name (cktf models), "
+              "torchvision.<arch> (e.g. torchvision.resnet50) or timm.<name> (e.g. timm.convnext_atto; needs "
+              "pip install 'cktf[timm]').")
 @click.option("--weights", required=True, type=click.Path(dir_okay=False),
               help="A PyTorch state dict (.pth/.pt, read with weights_only: pickled code is refused) or a "
               ".safetensors file; a 'module.'/'model.' key prefix and a {'state_dict': ...} wrapper are undone.")
@@ -311,11 +312,13 @@ def _mapping(ctx: click.Context, param: click.Parameter, value: str | None) -> d
               help="Input channels  [default: read off the weights; 3 for torchvision]")
 @click.option("--image-size", type=click.IntRange(8), default=None,
               help="Side length the network expects; transfer and probe resize to it unless data.image_size is "
-              "set  [default: 224 for torchvision, else the dataset's]")
+              "set  [default: 224 for torchvision, timm's pretrained_cfg for timm, else the dataset's]")
 @click.option("--mean", callback=_floats, default=None, metavar="M1,M2,M3",
-              help="Normalisation mean the network expects  [default: ImageNet's for torchvision]")
+              help="Normalisation mean the network expects  [default: ImageNet's for torchvision, timm's "
+              "pretrained_cfg for timm]")
 @click.option("--std", callback=_floats, default=None, metavar="S1,S2,S3",
-              help="Normalisation std the network expects  [default: ImageNet's for torchvision]")
+              help="Normalisation std the network expects  [default: ImageNet's for torchvision, timm's "
+              "pretrained_cfg for timm]")
 @click.option("--taps", callback=_mapping, default=None, metavar="MAPPING",
               help="Tap node names for architectures without default taps (YAML/JSON mapping with stem, stages, "
               "penultimate, logits).")
@@ -485,7 +488,8 @@ def methods_cmd() -> None:
 @cli.command("models")
 @verbosity_options
 def models_cmd() -> None:
-    """List the registered model names."""
+    """List the registered model names (also accepted: torchvision.<arch> and timm.<name>, the latter with
+    pip install 'cktf[timm]')."""
     from transfer.models import list_models
 
     for name in list_models():

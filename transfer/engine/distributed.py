@@ -276,11 +276,13 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
 
     Feature taps run a traced copy of their model's graph that holds the original layers, so every
     :class:`~transfer.models.taps.FeatureTaps` inside is re-traced: otherwise the converted layers would sit
-    unused in the model while the old ones kept computing per-rank statistics.
+    unused in the model while the old ones kept computing per-rank statistics. timm networks are converted by
+    timm (its ``BatchNormAct2d`` keeps its activation).
     """
     from transfer.models.taps import FeatureTaps
+    from transfer.models.timm_models import convert_sync_batchnorm as convert_layers
 
-    module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    module = convert_layers(module)
     for sub in module.modules():
         if isinstance(sub, FeatureTaps):
             sub.retrace()

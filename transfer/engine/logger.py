@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -17,18 +18,26 @@ log = logging.getLogger("cktf")
 
 
 @contextlib.contextmanager
-def phase(what: str) -> Iterator[None]:
-    """Say that ``what`` (a step before or between epochs: filling banks, extracting features) starts, and how
-    long it took, so that a long silent wait is never mistaken for a hang. Rank 0 prints under torchrun."""
+def phase(what: str, after_s: float = 2.0) -> Iterator[None]:
+    """Say that ``what`` (a step before or between epochs: filling banks, extracting features) is running once it
+    has taken ``after_s`` seconds, and how long it took, so that a long silent wait is never mistaken for a hang;
+    a quick step prints nothing. Rank 0 prints under torchrun."""
     from transfer.engine.ranks import env_rank
 
-    main = env_rank() == 0
-    if main:
-        log.info(f"{what} …")
+    if env_rank() != 0:
+        yield
+        return
     start = time.perf_counter()
-    yield
-    if main:
-        log.info(f"{what}: done in {time.perf_counter() - start:.1f} s")
+    timer = threading.Timer(after_s, log.info, args=(f"{what} …",))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    elapsed = time.perf_counter() - start
+    if elapsed >= after_s:
+        log.info(f"{what}: done in {elapsed:.1f} s")
 
 
 class RunLogger:

@@ -27,11 +27,17 @@ class InputSpec:
         image_size: side length of the square inputs.
         mean: per-channel mean subtracted from pixels scaled to [0, 1].
         std: per-channel standard deviation they are divided by.
+        interpolation: resize filter of the network's own evaluation pipeline (timm's ``pretrained_cfg``, e.g.
+            ``bicubic``); recorded for reference, cktf's pipelines resize bilinearly with antialiasing.
+        crop_pct: centre-crop fraction of that pipeline (e.g. 0.875); recorded for reference, cktf's
+            pipelines crop the whole centre square.
     """
 
     image_size: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    interpolation: str | None = None
+    crop_pct: float | None = None
 
     def __post_init__(self) -> None:
         if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
@@ -47,6 +53,8 @@ class InputSpec:
             raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}; give one per channel")
         if self.std is not None and not all(s > 0 for s in self.std):
             raise ValueError(f"std must be positive, got {list(self.std)}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
 
     def to_metadata(self) -> dict[str, str]:
         """Checkpoint metadata entries of the recorded values (safetensors metadata holds strings only)."""
@@ -57,6 +65,10 @@ class InputSpec:
             meta["mean"] = json.dumps(list(self.mean))
         if self.std is not None:
             meta["std"] = json.dumps(list(self.std))
+        if self.interpolation is not None:
+            meta["interpolation"] = self.interpolation
+        if self.crop_pct is not None:
+            meta["crop_pct"] = str(self.crop_pct)
         return meta
 
     @classmethod
@@ -70,9 +82,10 @@ class InputSpec:
             size = int(meta["image_size"]) if "image_size" in meta else None
             mean = _floats(json.loads(meta["mean"])) if "mean" in meta else None
             std = _floats(json.loads(meta["std"])) if "std" in meta else None
+            crop_pct = float(meta["crop_pct"]) if "crop_pct" in meta else None
+            return cls(size, mean, std, meta.get("interpolation"), crop_pct)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"malformed input description (image_size/mean/std): {err}") from None
-        return cls(size, mean, std)
+            raise ValueError(f"malformed input description (image_size/mean/std/crop_pct): {err}") from None
 
     @classmethod
     def of_data(cls, data: DataConfig) -> InputSpec:

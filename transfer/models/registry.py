@@ -12,6 +12,9 @@ Any torchvision classification model can be used as ``torchvision.<arch>`` (e.g.
 ``torchvision.resnet18``, ``torchvision.mobilenet_v3_small``): it is built with
 ``weights=None`` (nothing is ever downloaded) and 3 input channels. ResNets get default
 taps; for other architectures name the nodes in the config's ``taps`` mapping.
+
+Any timm model is ``timm.<name>`` (e.g. ``timm.convnext_atto``), built with random weights and default taps
+from timm's feature metadata (:mod:`transfer.models.timm_models`; timm is an optional extra).
 """
 
 from __future__ import annotations
@@ -111,13 +114,23 @@ def _torchvision_entry(name: str, option: str) -> ModelEntry:
     return ModelEntry(partial(_torchvision_builder, arch), _torchvision_spec, "torchvision")
 
 
+def _timm_entry(name: str, option: str) -> ModelEntry:
+    from transfer.models import timm_models
+
+    arch = name[len(timm_models.TIMM_PREFIX):]
+    timm_models.check_name(arch, option)
+    return ModelEntry(partial(timm_models.build_timm, arch), timm_models.timm_spec, "timm")
+
+
 def get_entry(name: str, option: str = "model.name") -> ModelEntry:
     """The registry entry for ``name``; unknown names are a user error naming ``option`` and the choices."""
     if isinstance(name, str) and name.startswith(TORCHVISION_PREFIX):
         return _torchvision_entry(name, option)
+    if isinstance(name, str) and name.startswith("timm."):
+        return _timm_entry(name, option)
     if not isinstance(name, str) or name not in MODELS:
-        raise CKTFError(f"unknown model {name!r} (option {option}); choose one of: {', '.join(MODELS)}, or "
-                       "torchvision.<arch>")
+        raise CKTFError(f"unknown model {name!r} (option {option}); choose one of: {', '.join(MODELS)}, "
+                        "torchvision.<arch> or timm.<name>")
     return MODELS[name]
 
 
@@ -135,9 +148,10 @@ def _positive_int(value: object, option: str) -> int:
     return value
 
 
-def build_model(name: str, in_channels: int = 3, num_classes: int = 100) -> nn.Module:
-    """Build registered model ``name`` with freshly initialised weights."""
-    entry = get_entry(name)
+def build_model(name: str, in_channels: int = 3, num_classes: int = 100, option: str = "model.name") -> nn.Module:
+    """Build registered model ``name`` with freshly initialised weights (``option``: the config key naming it,
+    for errors)."""
+    entry = get_entry(name, option)
     _positive_int(in_channels, "model.in_channels")
     _positive_int(num_classes, "model.num_classes")
     return entry.builder(in_channels, num_classes)
@@ -157,10 +171,15 @@ def infer_tap_spec(model: nn.Module) -> TapSpec:
     """Default taps of a model given as a module rather than a name (the Python API).
 
     torchvision ResNets (and cktf's 64x64 ResNets, which are torchvision ResNets) get theirs; cktf's other
-    families share the ``stem``/``layer1..N``/``fc`` layout. Anything else needs its nodes named.
+    families share the ``stem``/``layer1..N``/``fc`` layout; timm models get theirs from timm's feature
+    metadata. Anything else needs its nodes named.
     """
     import torchvision
 
+    from transfer.models import timm_models
+
+    if timm_models.is_timm_model(model):
+        return timm_models.timm_spec(model)
     if isinstance(model, torchvision.models.ResNet):
         return torchvision_resnet_spec(model)
     if all(hasattr(model, name) for name in ("stem", "layer1", "fc")):

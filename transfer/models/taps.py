@@ -182,6 +182,7 @@ class FeatureTaps(nn.Module):
                 model,
                 train_return_nodes=sorted(set(self._nodes["train"].values())),
                 eval_return_nodes=sorted(set(self._nodes["eval"].values())),
+                tracer_kwargs=_tracer_kwargs(model),
             )
             extractor.train(self.training)
         self.__dict__["_extractor"] = extractor  # not a child: no duplicate parameters or state_dict keys
@@ -314,6 +315,15 @@ def _width(t: Tensor) -> int:
     return int(t.shape[-1] if t.dim() == 3 else t.shape[1])
 
 
+def _tracer_kwargs(model: nn.Module) -> dict[str, Any] | None:
+    """Model-specific FX tracer settings: timm's own for timm models (modules it marks untraceable)."""
+    if type(model).__module__.split(".", 1)[0] != "timm":
+        return None
+    from transfer.models.timm_models import tracer_kwargs
+
+    return tracer_kwargs()
+
+
 def _resolve(model: nn.Module, spec: TapSpec, with_blocks: bool) -> dict[str, dict[str, str]]:
     """Map each role to the exact node it reads, per mode, rejecting unknown names.
 
@@ -321,7 +331,8 @@ def _resolve(model: nn.Module, spec: TapSpec, with_blocks: bool) -> dict[str, di
     extractor only ever sees exact node names: with prefixes, asking for ``layer1`` and
     ``layer1.2`` together makes torchvision give ``layer1.2`` an earlier node.
     """
-    names = dict(zip(_MODES, get_graph_node_names(model, suppress_diff_warning=True), strict=True))
+    names = dict(zip(_MODES, get_graph_node_names(model, tracer_kwargs=_tracer_kwargs(model),
+                                                  suppress_diff_warning=True), strict=True))
     resolved: dict[str, dict[str, str]] = {}
     for mode in _MODES:
         last: dict[str, str] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from transfer.models import FeatureTaps, TapSpec, build_model, tap_spec_for
 from transfer.models.importer import WeightsError, infer_size, load_weights, read_state_dict
 from transfer.models.input_spec import InputSpec
 from transfer.models.registry import TORCHVISION_PREFIX, get_entry
+from transfer.models.timm_models import TIMM_PREFIX, pretrained_input
 
 TORCHVISION_INPUT = InputSpec(224, IMAGENET_MEAN, IMAGENET_STD)
 
@@ -34,13 +35,15 @@ class ImportRequest:
     """What ``cktf import-teacher`` was asked to do; ``None`` fields are inferred or defaulted.
 
     Args:
-        arch: model name as ``--arch`` gives it (registry name or ``torchvision.<arch>``).
+        arch: model name as ``--arch`` gives it (registry name, ``torchvision.<arch>`` or ``timm.<name>``).
         weights: the weights file.
         out: the teacher checkpoint to write.
         num_classes: classes of the classifier (default: read off the weights).
         in_channels: input channels (default: read off the weights; 3 for torchvision models).
-        image_size: side length the network expects (default: 224 for torchvision models, else unrecorded).
-        mean: normalisation mean (default: ImageNet's for torchvision models, else unrecorded).
+        image_size: side length the network expects (default: 224 for torchvision models, timm's
+            ``pretrained_cfg`` for timm models, else unrecorded).
+        mean: normalisation mean (default: ImageNet's for torchvision models, timm's ``pretrained_cfg`` for
+            timm models, else unrecorded).
         std: normalisation std (like ``mean``).
         taps: tap node names, for architectures without default taps.
         overwrite: replace an existing ``out``.
@@ -81,12 +84,26 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise CKTFError(f"--out {out} must end in .safetensors (cktf checkpoints are safetensors files)")
 
 
-def _input_spec(request: ImportRequest) -> InputSpec:
-    default = TORCHVISION_INPUT if request.arch.startswith(TORCHVISION_PREFIX) else InputSpec()
+def _default_input(arch: str, in_channels: int) -> InputSpec:
+    """What the architecture's weights usually expect: ImageNet's settings for torchvision, timm's
+    ``pretrained_cfg`` for timm (its mean/std only where they fit ``in_channels``), nothing otherwise."""
+    if arch.startswith(TORCHVISION_PREFIX):
+        return TORCHVISION_INPUT
+    if not arch.startswith(TIMM_PREFIX):
+        return InputSpec()
+    with torch.device("meta"):
+        stated = pretrained_input(build_model(arch, in_channels=in_channels, num_classes=5))
+    if len(stated.get("mean", ())) != in_channels or len(stated.get("std", ())) != in_channels:
+        stated.pop("mean", None)
+        stated.pop("std", None)
+    return InputSpec(**stated)
+
+
+def _input_spec(request: ImportRequest, in_channels: int) -> InputSpec:
+    default = _default_input(request.arch, in_channels)
     try:
-        return InputSpec(request.image_size if request.image_size is not None else default.image_size,
-                         request.mean if request.mean is not None else default.mean,
-                         request.std if request.std is not None else default.std)
+        return replace(default, **{key: value for key in ("image_size", "mean", "std")
+                                   if (value := getattr(request, key)) is not None})
     except ValueError as err:
         raise CKTFError(f"--image-size/--mean/--std: {err}") from None
 
@@ -96,13 +113,13 @@ def import_teacher(request: ImportRequest) -> ImportedTeacher:
     out, weights = Path(request.out), Path(request.weights)
     get_entry(request.arch, option="--arch")
     _check_out(out, request.overwrite)
-    spec_in = _input_spec(request)
     try:
         state = read_state_dict(weights)
     except WeightsError as err:
         raise CKTFError(f"--weights {err}") from None
 
     in_channels = request.in_channels or infer_size(partial(_build_channels, request.arch), state) or 3
+    spec_in = _input_spec(request, in_channels)
     if spec_in.mean is not None and len(spec_in.mean) != in_channels:
         raise CKTFError(f"--mean/--std give {len(spec_in.mean)} values but {request.arch} takes {in_channels}-channel "
                         "images")

@@ -122,7 +122,8 @@ def build_networks(cfg: TransferConfig, teacher: LoadedNetwork, in_channels: int
     The student's classifier has the teacher's (source) classes, as in the paper's step 1.
     """
     seed_everything(cfg.train.seed)
-    student_model = build_model(cfg.student.name, in_channels=in_channels, num_classes=teacher.num_classes)
+    student_model = build_model(cfg.student.name, in_channels=in_channels, num_classes=teacher.num_classes,
+                                option="student.name")
     s_spec = _spec(cfg.student.name, student_model, cfg.student.taps, "student.taps")
     t_spec = _spec(teacher.name, teacher.model, cfg.teacher.taps or teacher.taps, "teacher.taps")
     return objective.tap_pair(student_model, s_spec, teacher.model, t_spec, needs, (cfg.student.name, teacher.name))
