@@ -184,10 +184,9 @@ def test_an_interrupt_says_truthfully_what_it_left(fashion_root, tmp_path, monke
 
 def test_a_long_phase_before_training_says_what_it_does(caplog):
     import logging
+    import time
 
     from transfer.engine.logger import phase
-
-    import time
 
     with caplog.at_level(logging.INFO, logger="cktf"):
         with phase("quick"):
