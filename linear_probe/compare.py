@@ -110,18 +110,23 @@ def check_groups(runs: list[ProbeRun]) -> None:
     Runs labelled alike must agree on every key of their saved configs (the probe's and the probed network's)
     except the seed and the keys that cannot change a result; a difference is one line listing the keys.
     """
-    from transfer.stages.common import RESUME_MAY_CHANGE
+    from transfer.stages.common import IMPLIED_BY_OLDER_RUNS, RESUME_MAY_CHANGE
 
     ignored = _NOT_A_SETTING | set(RESUME_MAY_CHANGE)
+
+    def value(config: dict[str, Any], key: str) -> Any:
+        """A key a run written before it existed lacks has the value its absence implies (as for --resume)."""
+        return config.get(key, IMPLIED_BY_OLDER_RUNS.get(key.split(":", 1)[-1], _MISSING))
+
     first: dict[str, ProbeRun] = {}
     seeds: dict[tuple[str, Any, Any], ProbeRun] = {}
     for run in runs:
         ref = first.setdefault(run.method, run)
         keys = sorted(set(ref.config) | set(run.config))
         differ = [key for key in keys if key.split(":", 1)[-1] not in ignored
-                  and ref.config.get(key, _MISSING) != run.config.get(key, _MISSING)]
+                  and value(ref.config, key) != value(run.config, key)]
         if differ:
-            shown = ", ".join(f"{key} ({ref.config.get(key, _MISSING)!r} vs {run.config.get(key, _MISSING)!r})"
+            shown = ", ".join(f"{key} ({value(ref.config, key)!r} vs {value(run.config, key)!r})"
                               for key in differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
             raise CKTFError(f"{ref.path} and {run.path} are both '{run.method}' but were made with other "
                             f"settings: {shown}; compare runs of one setting as seeds, or label them apart with "

@@ -315,3 +315,17 @@ def test_compare_cli_label_option(tmp_path):
     assert code == 0, out
     assert "cktf_224" in _table((tmp_path / "r/comparison.md").read_text())
     one_line_error(*invoke("compare", str(a), "--out", str(tmp_path / "r"), "--label", "nonsense"), "DIR=NAME")
+
+
+def test_a_run_written_before_a_key_existed_counts_with_the_value_its_absence_implies(tmp_path):
+    """Seeds made before train.deterministic existed group with later ones (False is what its absence means),
+    as --resume treats them; an explicit other value still separates them."""
+    old = _configured(tmp_path / "cktf_s0", "cktf", 0)
+    new = _configured(tmp_path / "cktf_s1", "cktf", 1)
+    config = yaml.safe_load((new / "config.yaml").read_text())
+    config["train"]["deterministic"] = False
+    (new / "config.yaml").write_text(yaml.safe_dump(config))
+    compare([old, new], tmp_path / "out")
+    config["train"]["deterministic"] = True
+    (new / "config.yaml").write_text(yaml.safe_dump(config))
+    _one_line_error(lambda: compare([old, new], tmp_path / "out2"), "network:train.deterministic (False vs True)")
