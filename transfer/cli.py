@@ -288,9 +288,10 @@ def _mapping(ctx: click.Context, param: click.Parameter, value: str | None) -> d
         loaded = yaml.safe_load(value)
     except yaml.YAMLError:
         loaded = None
-    if isinstance(loaded, dict) and first_non_name_key(loaded) is not None:
-        raise click.BadParameter(f"key '{first_non_name_key(loaded)}' is not a name; expected names such as stem, "
-                                 "stages, penultimate, logits")
+    bad = first_non_name_key(loaded) if isinstance(loaded, dict) else None
+    if bad is not None:
+        raise click.BadParameter(f"key '{bad}' is not a name; expected names such as stem, stages, penultimate, "
+                                 "logits")
     if not isinstance(loaded, dict):
         raise click.BadParameter(f"expected a mapping such as '{{stem: maxpool, stages: [layer1, layer2], "
                                  f"penultimate: flatten, logits: fc}}', got {value!r}")
