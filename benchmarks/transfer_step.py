@@ -66,7 +66,8 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -245,8 +246,14 @@ def phased_step(engine: Engine, augment: Callable | None, batch: tuple[torch.Ten
     return clock.seconds
 
 
-def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Measure one method of one setting in this (fresh) process; the parent reads the dict as JSON."""
+@contextmanager
+def transfer_engine(spec: dict[str, Any]) -> Iterator[tuple[Engine, dict[str, Any], TransferConfig, str]]:
+    """Run ``cktf transfer``'s own stage on ``spec``'s setting and method for ``warmup + steps`` batches of
+    synthetic data and yield ``(engine, captured, cfg, teacher)`` while its temporary files still exist.
+
+    ``captured`` holds the engine's timed loader (``loader``), batched augmentation (``augment``) and the peak
+    memory read when the timed batches ran out; ``teacher`` says which teacher weights ran.
+    """
     setting = Setting(**{**spec["setting"], "stored_shape": tuple(spec["setting"]["stored_shape"])})
     num_items, limit = spec["items"], spec["warmup"] + spec["steps"]
     with tempfile.TemporaryDirectory(prefix="cktf-transfer-step-") as tmp:
@@ -293,14 +300,20 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 patched(transfer_stage, "cached_neighbour_table", random_table), \
                 patched(Engine, "fit", capture_engine):
             transfer_stage.run_transfer(cfg)
-            engine: Engine = captured["engine"]
-            phases: dict[str, list[float]] = {phase: [] for phase in PHASES}
-            if spec["breakdown_steps"]:
-                engine.task.train()
-                batches = iter(captured["loader"].source)
-                for _ in range(spec["breakdown_steps"]):
-                    for phase, value in phased_step(engine, captured["augment"], next(batches)).items():
-                        phases[phase].append(value)
+            yield captured["engine"], captured, cfg, teacher
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one method of one setting in this (fresh) process; the parent reads the dict as JSON."""
+    with transfer_engine(spec) as (engine, captured, cfg, teacher):
+        phases: dict[str, list[float]] = {phase: [] for phase in PHASES}
+        if spec["breakdown_steps"]:
+            engine.task.train()
+            batches = iter(captured["loader"].source)
+            for _ in range(spec["breakdown_steps"]):
+                for phase, value in phased_step(engine, captured["augment"], next(batches)).items():
+                    phases[phase].append(value)
+    device = engine.device
     timed: TimedBatches = captured["loader"]
     task: TransferTask = engine.task
     config = config_to_dict(cfg)
@@ -316,8 +329,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "negatives": None if task.sampler is None else ("shared" if cfg.sampler.shared else "per-anchor"),
         "batch": cfg.train.batch_size,
         "num_negatives": cfg.sampler.num_negatives if task.sampler is not None else None,
-        "items": num_items,
-        "stored_shape": list(setting.stored_shape),
+        "items": spec["items"],
+        "stored_shape": list(spec["setting"]["stored_shape"]),
         "batched_augment": captured["augment"] is not None,
         "objectives": sum(1 for m in task.modules() if isinstance(m, NCEObjective)),
         "terms": dict(task.weights),

@@ -163,3 +163,25 @@ def test_augment_benchmark_tiny(tmp_path):
         assert row["per_image_us"] > 0 and row["batched_us"] > 0
         assert row["speedup"] == pytest.approx(row["per_image_us"] / row["batched_us"])
     assert result["clock"] == "wall" and result["machine"]["threads"] == 1
+
+
+def test_profile_step_benchmark_tiny(tmp_path):
+    result = run_benchmark("profile_step.py", tmp_path / "profile_step.json", "--setting", "fashion",
+                           "--method", "cktf", "--items", "256", "--batch", "8", "--num-negatives", "32",
+                           "--warmup", "1", "--repeats", "1", "--steps", "1", "--profile-steps", "1", "--top", "5",
+                           "--teacher", "random", timeout=300)["result"]
+    assert result["method"] == "cktf" and result["negatives"] == "shared" and result["batch"] == 8
+    # resnet8 <- resnet14: mckt's stem and three stages, pckt's penultimate pair, each timed by part
+    assert [p["pair"] for p in result["pairs"]] == [*(f"mckt.pairs.{s}" for s in ("stem", "stage1", "stage2",
+                                                                                    "stage3")), "pckt.pair"]
+    for pair in result["pairs"]:
+        assert pair["student_shape"][0] == 8
+        assert set(pair["median_s"]) == {f"{part}_{d}" for part in ("reduce", "heads", "objective")
+                                         for d in ("fwd", "bwd")}
+        assert pair["median_s"]["objective_fwd"] > 0
+    assert set(result["phase_median_s"]) == {"augment", "teacher_fwd", "student_fwd", "sampler", "loss_fwd",
+                                             "loss_bwd", "student_bwd", "optimizer"}
+    profile = result["profile"]
+    assert profile["steps"] == 1 and len(profile["ops"]) == 5
+    assert set(profile["phase_ms"]) == set(result["phase_median_s"])
+    assert all(op["op"].startswith("aten::") or "autograd" in op["op"] for op in profile["ops"])

@@ -35,15 +35,88 @@ Example::
 from __future__ import annotations
 
 import einops
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transfer.losses.projection import pool_flatten
 
+NORM_EPS = 1e-12  # F.normalize's: a norm below it is clamped to it
+
 
 def batch_normalise(x: Tensor) -> Tensor:
     """Divide every entry by its L2 norm over the batch dimension (``dim=0``), in fp32."""
-    return F.normalize(x.float(), p=2, dim=0)
+    return F.normalize(x.float(), p=2, dim=0, eps=NORM_EPS)
+
+
+def _flat_layout(x: Tensor) -> tuple[Tensor, bool]:
+    """``x`` ``[B, C, H, W]`` as a ``[B, M]`` view in memory order (copied only when neither NCHW nor
+    channels_last is), and whether that order is channels-last (``[B, H, W, C]``)."""
+    if x.is_contiguous():
+        return x.view(x.shape[0], -1), False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1), True
+    return x.contiguous().view(x.shape[0], -1), False
+
+
+class _BatchNormalisedPool(torch.autograd.Function):
+    """``pool(x / ‖x‖_batch)``: the batch-dimension L2 normalisation and the pooling in a few passes.
+
+    Autograd through ``F.normalize`` and a mean keeps ~6 map-sized temporaries forward and backward; here the
+    forward reads the map twice (norms, scaled copy) and the backward is ``∂x = ∂y·r − x·r³·Σ_b(∂y·x)`` with
+    ``r = 1/max(‖x‖_b, eps)`` (the second part vanishes where the norm was clamped). ``window=None`` pools
+    globally without materialising ``∂y``; else ``window × window`` cells as :func:`window_pool`. Computes in
+    fp32 and returns the input's gradient in its dtype and memory format.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, window: int | None) -> Tensor:
+        flat, channels_last = _flat_layout(x)
+        flat = flat.to(torch.promote_types(x.dtype, torch.float32))
+        norm = torch.linalg.vector_norm(flat, dim=0)
+        inverse = norm.clamp_min(NORM_EPS).reciprocal_()
+        scaled = flat * inverse
+        b, c, h, w = x.shape
+        ctx.save_for_backward(x, inverse, norm > NORM_EPS)
+        ctx.window, ctx.channels_last = window, channels_last
+        if window is None:
+            return scaled.view(b, h * w, c).mean(1) if channels_last else scaled.view(b, c, h * w).mean(2)
+        grid = scaled.view(b, h, w, c).permute(0, 3, 1, 2) if channels_last else scaled.view(b, c, h, w)
+        kernel = _windows(h, w, window)
+        ctx.kernel = kernel
+        return einops.rearrange(F.avg_pool2d(grid, kernel, stride=kernel), "b c h w -> b (c h w)")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        x, inverse, live = ctx.saved_tensors
+        b, c, h, w = x.shape
+        flat, channels_last = _flat_layout(x)
+        flat = flat.to(inverse.dtype)
+        grad = grad.to(inverse.dtype)
+        if ctx.window is None:
+            per_cell = grad / (h * w)  # ∂y is this, broadcast over the H·W cells
+            shape = (b, 1, c) if channels_last else (b, c, 1)
+            spread = per_cell.view(shape)
+            cells = (flat.view(b, -1, c) if channels_last else flat.view(b, c, -1))
+            dot = (cells * spread).sum(0).view(-1)  # Σ_b ∂y·x per entry
+            correction = (inverse.pow(3) * dot).masked_fill_(~live, 0.0)
+            grad_flat = flat * correction.neg_()
+            grad_cells = grad_flat.view(b, -1, c) if channels_last else grad_flat.view(b, c, -1)
+            grad_cells.addcmul_(spread, inverse.view(grad_cells.shape[1:]))
+        else:
+            grid = flat.view(b, h, w, c).permute(0, 3, 1, 2) if channels_last else flat.view(b, c, h, w)
+            pooled = grad.reshape(b, c, h // ctx.kernel[0], w // ctx.kernel[1])
+            grad_grid = torch.ops.aten.avg_pool2d_backward(pooled, grid, ctx.kernel, ctx.kernel, (0, 0), False,
+                                                           True, None)
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            grad_y, _ = _flat_layout(grad_grid.contiguous(memory_format=memory_format))
+            dot = (grad_y * flat).sum(0)
+            correction = (inverse.pow(3) * dot).masked_fill_(~live, 0.0)
+            grad_flat = grad_y.mul_(inverse).sub_(flat * correction)
+        grad_flat = grad_flat.to(x.dtype)
+        if channels_last:
+            return grad_flat.view(b, h, w, c).permute(0, 3, 1, 2), None
+        return grad_flat.view(b, c, h, w), None
 
 
 def _windows(height: int, width: int, window: int) -> tuple[int, int]:
@@ -75,6 +148,8 @@ class StageFeatures(nn.Module):
         self.window = window
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.batch_norm and x.dim() == 4:
+            return _BatchNormalisedPool.apply(x, self.window)
         if self.batch_norm:
             x = batch_normalise(x)
         if self.window is None or x.dim() == 2:
