@@ -357,3 +357,32 @@ def test_second_step_with_frozen_z_matches_oracle(shared):
                                      z_s=nce.z_student.double(), z_t=nce.z_teacher.double())
     assert rel(out.loss, ref.loss) < 1e-5
     assert rel(g_s.grad, grad_s) < 1e-5 and rel(g_t.grad, grad_t) < 1e-5
+
+
+def test_objectives_of_one_step_share_one_column_plan_and_a_changed_tensor_gets_a_new_one(monkeypatch):
+    import transfer.losses.nce as nce_module
+
+    built = []
+    original = nce_module._ColumnChunks
+
+    def counting(*args, **kwargs):
+        built.append(args[1:])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(nce_module, "_ColumnChunks", counting)
+    first, g_s, g_t, indices, negatives = make_case()
+    others = [make_case(seed=s)[0] for s in (1, 2)]
+    wide = make_case(n=80)[0]  # another bank size: its own plan
+    for nce in [first, *others, wide]:
+        out = nce(g_s, g_t, indices, negatives)
+        out.loss.backward()
+    assert built == [(N, 262144 // B), (80, 262144 // B)]
+    # an in-place change of the negatives (or indices) is a new plan, and the loss follows the new columns
+    negatives[1, 0] = (negatives[1, 0] + 1) % N
+    bank_s, bank_t = banks(others[0])
+    z_s, z_t = others[0].z_student.item(), others[0].z_teacher.item()
+    got = others[0](g_s, g_t, indices, negatives)
+    want = oracle_objective(bank_s.double(), bank_t.double(), g_s.detach().double(), g_t.detach().double(), indices,
+                            negatives, 0.1, z_s, z_t)
+    assert len(built) == 3
+    assert rel(got.loss, want.loss) < 1e-6
