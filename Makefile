@@ -44,10 +44,10 @@ fuzz: setup
 # The documentation site (mkdocs.yml, pages under docs/), built --strict into the ignored site/ folder: a broken
 # link, a missing page or a stale anchor fails. docs/reference/ is generated: python -m transfer.docs_reference.
 docs: setup
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 docs-serve: setup
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 lint: setup
 	$(BIN)/ruff check transfer linear_probe tests benchmarks

@@ -52,7 +52,7 @@ setup(
     extras_require={
         "gpu": ["faiss-gpu>=1.8"],
         "timm": TIMM,
-        "dev": ["pytest>=7.4", "ruff>=0.4", "hypothesis>=6.90", "mkdocs>=1.6", "mkdocs-material>=9.5", *TIMM],
+        "dev": ["pytest>=7.4", "ruff>=0.4", "hypothesis>=6.90", "mkdocs>=1.6,<2", "mkdocs-material>=9.5", *TIMM],
     },
     entry_points={"console_scripts": ["cktf = transfer.cli:main"]},
 )
