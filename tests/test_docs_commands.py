@@ -244,7 +244,7 @@ def check(invocation: Invocation) -> str | None:
         return f"no such command 'cktf {name}'"
     if "--help" in args or "-h" in args:
         return None
-    root = click.Context(cli, info_name="cktf")
+    root = click.Context(cli, info_name="cktf", **cli.context_settings)
     for _ in range(len(command.params) + 1):
         try:
             ctx = command.make_context(name, list(args), parent=root)

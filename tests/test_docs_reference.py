@@ -3,10 +3,13 @@ source of truth for the config keys and loss terms that `--help` and `cktf metho
 
 from __future__ import annotations
 
+import difflib
+import itertools
 import re
 from pathlib import Path
 
 from linear_probe.config import ProbeConfig
+from transfer.cli import cli
 from transfer.config import TeacherConfig, TransferConfig
 from transfer.config.loader import option_rows
 from transfer.docs_reference import PAGES, WRITE_COMMAND, main, markdown_text, stale_pages
@@ -17,7 +20,11 @@ REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference"
 
 def test_the_committed_reference_pages_are_current():
     stale = stale_pages(REFERENCE)
-    assert not stale, f"docs/reference/{', '.join(stale)} differ from the code; regenerate with: {WRITE_COMMAND}"
+    changes = "".join(line for name in stale for line in itertools.islice(difflib.unified_diff(
+        (REFERENCE / name).read_text().splitlines(True), PAGES[name]().splitlines(True), f"docs/reference/{name}",
+        "rendered now"), 30))
+    assert not stale, f"docs/reference/{', '.join(stale)} differ from the code; regenerate with: {WRITE_COMMAND}\n" \
+                      f"{changes}"
 
 
 def test_the_configuration_page_lists_every_key_of_every_command():
@@ -29,6 +36,8 @@ def test_the_configuration_page_lists_every_key_of_every_command():
     for command in ("train-teacher", "transfer", "import-teacher", "probe", "compare", "configs", "demo"):
         assert f"### cktf {command}\n" in page
     assert "`--teacher FILE`" in page and "`--allow-change KEY`" in page
+    # as `cktf <command> --help` prints it, whether or not the CLI ran before in this process
+    assert page.count("| `-h, --help` | Show this message and exit. |") == len(cli.commands) + 1
 
 
 def test_the_methods_page_lists_every_term_and_option():

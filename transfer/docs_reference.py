@@ -109,10 +109,10 @@ def render_configuration() -> str:
                   *options_table(option_rows(cls, f"{key}."))]
     lines += ["", "## Command options", "",
               "The options each command takes besides config keys, as its `--help` prints them."]
-    root = click.Context(cli, info_name="cktf")
+    root = click.Context(cli, info_name="cktf", **cli.context_settings)
     lines += ["", "### cktf", "", markdown_text(first_line(cli.help)), "", *command_options(cli, root)]
     for name, cmd in cli.commands.items():
-        ctx = click.Context(cmd, info_name=name, parent=root)
+        ctx = click.Context(cmd, info_name=name, parent=root, **cmd.context_settings)
         usage = " ".join(cmd.collect_usage_pieces(ctx))
         lines += ["", f"### cktf {name}", "", f"`cktf {name} {usage}`", "",
                   *(markdown_text(part.replace("\n", " ")) + "\n" for part in
