@@ -1,7 +1,7 @@
 """Installable package ``cktf`` (import packages ``transfer`` and ``linear_probe``; console script ``cktf``).
 
 timm models (``timm.<name>``) need the optional extra: ``pip install -e '.[timm]'`` (``dev`` includes it, so
-``make setup`` installs it for the tests).
+``make setup`` installs it for the tests; it also brings mkdocs and mkdocs-material for ``make docs``).
 
 faiss: ``faiss-cpu`` by default. For GPU indexes install with ``CKTF_FAISS=gpu pip install -e '.[gpu]'``,
 which swaps it for ``faiss-gpu`` (both ship the same ``faiss`` module, so they must not be installed together).
@@ -52,7 +52,7 @@ setup(
     extras_require={
         "gpu": ["faiss-gpu>=1.8"],
         "timm": TIMM,
-        "dev": ["pytest>=7.4", "ruff>=0.4", "hypothesis>=6.90", *TIMM],
+        "dev": ["pytest>=7.4", "ruff>=0.4", "hypothesis>=6.90", "mkdocs>=1.6,<2", "mkdocs-material>=9.5", *TIMM],
     },
     entry_points={"console_scripts": ["cktf = transfer.cli:main"]},
 )

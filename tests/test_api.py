@@ -1,4 +1,4 @@
-"""The Python API: the README's example runs as written, and CKTFLoss is the CLI's objective."""
+"""The Python API: the example of the docs' Python API page runs as written, and CKTFLoss is the CLI's objective."""
 
 from __future__ import annotations
 
@@ -16,25 +16,26 @@ from transfer.config import NCEConfig
 from transfer.errors import CKTFError
 
 REPO = Path(__file__).resolve().parents[1]
-HEADING = "### From Python: the losses in your own training loop"
+PAGE = REPO / "docs" / "own-data" / "python-api.md"
+HEADING = "## From Python: the losses in your own training loop"
 
 
-def readme_example() -> str:
-    """The first ```python block under :data:`HEADING` in README.md."""
-    text = (REPO / "README.md").read_text()
-    assert HEADING in text, f"README.md lost its section {HEADING!r}"
+def docs_example() -> str:
+    """The first ```python block under :data:`HEADING` on the Python API page (:data:`PAGE`)."""
+    text = PAGE.read_text()
+    assert HEADING in text, f"{PAGE} lost its section {HEADING!r}"
     section = text.split(HEADING, 1)[1]
     found = re.search(r"```python\n(.*?)```", section, re.S)
     assert found, "no python block under the heading"
     return found.group(1)
 
 
-def test_readme_example_trains_the_student():
-    code = readme_example()
+def test_the_documented_example_trains_the_student():
+    code = docs_example()
     assert len([ln for ln in code.splitlines() if ln.strip()]) <= 20
     namespace: dict = {}
     torch.manual_seed(0)
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, str(PAGE), "exec"), namespace)
     student, teacher, objective = namespace["student"], namespace["teacher"], namespace["objective"]
     assert torch.isfinite(namespace["loss"])
     assert {"pckt", "mckt/stem", "mckt/stage4"} <= set(objective.last_terms)

@@ -258,7 +258,8 @@ def test_probe_feature_extraction_and_augmented_step_run_on_cuda():
                          ids=["cktf", "crd-per-anchor"])
 def test_api_follows_the_networks_to_cuda(terms, shared):
     """Finding: ``CKTFLoss`` built its heads and banks on the CPU, so CUDA networks failed on the first call.
-    Here the networks are on CUDA, the sample batch and the loader's batches on the CPU (as in the README)."""
+    Here the networks are on CUDA, the sample batch and the loader's batches on the CPU (as in the example of
+    docs/own-data/python-api.md)."""
     torch.manual_seed(0)
     student, teacher = torchvision.models.resnet18(num_classes=4), torchvision.models.resnet18(num_classes=4)
     with FakeCuda():

@@ -12,8 +12,8 @@ paraphraser, translator) with the transcription, which re-implements each layer 
   its init phase (one SGD step with momentum and weight decay, transcribed).
 - Each paper variant is checked against its stated relation to the reference (e.g. RKD's exact (B−1)/B).
 
-``python -m tests.test_repdistiller_parity`` prints the measured relative differences (the README's
-"equals RepDistiller" column).
+``python -m tests.test_repdistiller_parity`` prints the measured relative differences (the "equals RepDistiller"
+column of the companion table, docs/methods/index.md).
 """
 
 from __future__ import annotations
@@ -653,7 +653,7 @@ PAPER = [("at", "paper-p2"), ("at", "paper-p3"), ("cc", "paper"), ("rkd", "paper
 
 
 def measured() -> list[tuple[str, str, float]]:
-    """(term, variant, relative difference to RepDistiller) of every case, for the README."""
+    """(term, variant, relative difference to RepDistiller) of every case, for the docs' companion table."""
     return [(name, variant, rel(*CASES[name][0](variant))) for name, variant in REFERENCE + PAPER]
 
 

@@ -45,7 +45,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        nullable = " or null" if type(None) in typing.get_args(tp) else ""
+        return " or ".join(_type_name(a) for a in args) + nullable
     if origin is list:
         (inner,) = typing.get_args(tp)
         return f"a list of {_type_name(inner)}"
@@ -472,14 +473,24 @@ def config_from_dict(values: dict[str, Any], schema: type[T], where: str) -> T:
     return _build(schema, values, "", {"": f"in {where}"})
 
 
-def describe_options(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(--key, type, help [default])`` rows for every leaf of ``schema``, for ``--help``."""
-    rows: list[tuple[str, str, str]] = []
+@dataclasses.dataclass(frozen=True)
+class OptionRow:
+    """One leaf of a config schema as ``--help`` and the configuration reference show it."""
+
+    key: str
+    kind: str
+    help: str
+    default: str
+
+
+def option_rows(schema: type, prefix: str = "") -> list[OptionRow]:
+    """Every leaf of ``schema`` (nested sections flattened to dotted keys), in declaration order."""
+    rows: list[OptionRow] = []
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            rows.extend(describe_options(tp, f"{prefix}{f.name}."))
+            rows.extend(option_rows(tp, f"{prefix}{f.name}."))
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -487,5 +498,10 @@ def describe_options(schema: type, prefix: str = "") -> list[tuple[str, str, str
             default = f.default_factory()
         else:
             default = "required"
-        rows.append((f"--{prefix}{f.name}", _type_name(tp), f"{f.metadata.get('help', '')} [default: {default}]"))
+        rows.append(OptionRow(f"{prefix}{f.name}", _type_name(tp), f.metadata.get("help", ""), str(default)))
     return rows
+
+
+def describe_options(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(--key, type, help [default])`` rows for every leaf of ``schema``, for ``--help``."""
+    return [(f"--{row.key}", row.kind, f"{row.help} [default: {row.default}]") for row in option_rows(schema, prefix)]
