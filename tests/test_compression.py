@@ -28,7 +28,7 @@ def train_teacher(root: Path, config: Path, small: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
-    write_cifar(root / "data", "cifar100", n_train=96, n_test=32)
+    write_cifar(root / "data", "cifar100", n_train=48, n_test=16)
     return train_teacher(root, CIFAR / "teacher_resnet32x4.yaml", SMALL)
 
 
