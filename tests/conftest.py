@@ -2,6 +2,10 @@
 profiles (see :func:`hypothesis_profile`)."""
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,3 +44,24 @@ def lowres_fixture(tmp_path_factory):
     from tests.lowres_runs import train_lowres_teacher
 
     return train_lowres_teacher(tmp_path_factory.mktemp("lowres"))
+
+
+@pytest.fixture(scope="session")
+def cktf_fast(tmp_path_factory) -> Path:
+    """A ``cktf`` executable whose commands are forked from one interpreter that has imported the package
+    (tests/cktf_forkserver.py): each runs the real command line in its own process without a 5 s torch import.
+    For tests of scripts that start many commands."""
+    from tests.cktf_forkserver import client_executable
+
+    folder = tmp_path_factory.mktemp("forkserver")
+    listening = folder / "cktf.sock"
+    repo = Path(__file__).resolve().parents[1]
+    server = subprocess.Popen([sys.executable, "-m", "tests.cktf_forkserver", str(listening)], cwd=repo,
+                              env={**os.environ, "PYTHONPATH": str(repo)})
+    deadline = time.monotonic() + 300
+    while not listening.exists():
+        assert server.poll() is None and time.monotonic() < deadline, "the cktf fork server did not start"
+        time.sleep(0.05)
+    yield client_executable(folder / "cktf", listening)
+    server.terminate()
+    server.wait(timeout=60)

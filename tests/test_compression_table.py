@@ -84,13 +84,12 @@ def test_the_paired_table_puts_each_method_next_to_cktf_plus_it():
     assert "| sp | 1 |" not in text and "cktf_sp |" not in text
 
 
-def recording_cktf(folder: Path, log: Path, skip_logged: Path | None = None) -> Path:
-    """An executable ``cktf`` that appends its arguments (one shell-quoted line) to ``log`` and runs the real one.
+def recording_cktf(folder: Path, log: Path, real: Path, skip_logged: Path | None = None) -> Path:
+    """An executable ``cktf`` that appends its arguments (one shell-quoted line) to ``log`` and runs ``real``.
 
     With ``skip_logged`` (an earlier ``log``), a ``train-teacher``/``transfer`` command that already completed there
-    with the same arguments exits 0 at once, as the real ``cktf … --resume`` does for a finished run, without
-    starting Python (a rerun of the script then costs its few new commands, not a torch import per run)."""
-    real = Path(sys.executable).parent / "cktf"
+    with the same arguments exits 0 at once, as the real ``cktf … --resume`` does for a finished run (a rerun of
+    the script then costs its few new commands)."""
     skip = "" if skip_logged is None else (
         f'case $1 in train-teacher|transfer) grep -qxF -- "$line" {shlex.quote(str(skip_logged))} && exit 0;; esac\n')
     path = folder / ("cktf_again" if skip_logged else "cktf_first")
@@ -119,15 +118,17 @@ def logged(log: Path, *commands: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory) -> dict:
-    """One run of the script on a fixture (seeds 0 and 1, companion sp), its commands logged."""
+def table(tmp_path_factory, cktf_fast) -> dict:
+    """One run of the script on a fixture (seeds 0 and 1, companion sp), its commands logged; each command is the
+    real cktf, forked without a torch import of its own (``cktf_fast``, tests/conftest.py)."""
     root = tmp_path_factory.mktemp("table")
     write_fashion_idx(root / "fashion", n_train=200, n_test=40)
     small = ["--data.root", str(root / "fashion"), "--train.epochs", "1", "--train.batch_size", "16",
              "--sampler.num_negatives", "32", "--train.device", "cpu"]
-    proc = table_script(recording_cktf(root, root / "first.log"), root / "runs", root / "out", "sp", "0 1", *small)
+    proc = table_script(recording_cktf(root, root / "first.log", cktf_fast), root / "runs", root / "out", "sp", "0 1",
+                        *small)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"root": root, "runs": root / "runs", "small": small, "proc": proc}
+    return {"root": root, "runs": root / "runs", "small": small, "proc": proc, "cktf": cktf_fast}
 
 
 def test_the_script_runs_end_to_end_on_a_fixture(table):
@@ -152,8 +153,8 @@ def test_a_rerun_keeps_the_finished_runs(table, monkeypatch):
     without training it again (checked in-process on the teacher's and one student's command)."""
     root, runs = table["root"], table["runs"]
     first = root / "first.log"
-    again = table_script(recording_cktf(root, root / "again.log", skip_logged=first), runs, root / "out_again", "sp",
-                         "0 1", *table["small"])
+    cktf = recording_cktf(root, root / "again.log", table["cktf"], skip_logged=first)
+    again = table_script(cktf, runs, root / "out_again", "sp", "0 1", *table["small"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     trained = logged(first, "train-teacher", "transfer")
     assert len(trained) == 11 and all(" --resume " in f" {line} " for line in trained), trained
@@ -173,7 +174,8 @@ def test_a_rerun_keeps_the_finished_runs(table, monkeypatch):
 
 def test_an_unknown_companion_fails_the_script_with_its_name(table):
     root = table["root"]
-    proc = table_script(recording_cktf(root, root / "nosuch.log", skip_logged=root / "first.log"), table["runs"],
+    proc = table_script(recording_cktf(root, root / "nosuch.log", table["cktf"],
+                                       skip_logged=root / "first.log"), table["runs"],
                         root / "out_nosuch", "nosuch", "", *table["small"])
     assert proc.returncode != 0 and "FAILED: nosuch seed 0" in proc.stderr
     assert "nosuch.yaml" in proc.stderr and "Traceback" not in proc.stderr
