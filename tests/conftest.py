@@ -1,5 +1,6 @@
 """Shared test setup: tests use tiny tensors, for which one torch thread is faster than two; hypothesis
-profiles (see :func:`hypothesis_profile`)."""
+profiles (see :func:`hypothesis_profile`); every ``slow`` mark gives its reason (:func:`unexplained_slow_marks`);
+session fixtures for the lowres teacher and the fast ``cktf`` (tests/cktf_forkserver.py)."""
 
 import os
 import subprocess
@@ -27,6 +28,19 @@ def hypothesis_profile(env: dict) -> str:
 
 
 settings.load_profile(hypothesis_profile(dict(os.environ)))
+
+
+def unexplained_slow_marks(items) -> list[str]:
+    """The tests marked ``slow`` without saying why: ``@pytest.mark.slow(reason="…")`` is the only accepted form."""
+    return [item.nodeid for item in items for mark in item.iter_markers("slow")
+            if mark.args or set(mark.kwargs) != {"reason"} or not str(mark.kwargs["reason"]).strip()]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    unexplained = unexplained_slow_marks(items)
+    if unexplained:
+        raise pytest.UsageError(f"slow without reason=\"why it needs its time\": {', '.join(unexplained)}")
 
 
 @pytest.fixture(autouse=True)

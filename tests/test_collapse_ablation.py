@@ -65,6 +65,8 @@ def study(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow(reason="the study fixture (teacher, 2 transfers, 2 probes), then the script's 5 transfers and 5 "
+                         "probes, each a cktf process")
 def test_each_run_changes_one_setting_and_is_compared_with_both_end_points(study, cktf_fast):
     runs, out = study / "runs", study / "report"
     proc = script(runs, out, "--data.root", str(study / "fashion"), *SMALL, "--sampler.num_negatives", "32",

@@ -99,6 +99,10 @@ def recording_cktf(folder: Path, log: Path, real: Path, skip_logged: Path | None
     return path
 
 
+SCRIPT = pytest.mark.slow(reason="benchmarks/compression_table.sh on a fixture: a resnet14 teacher and 10 students, "
+                                  "each a cktf process")
+
+
 def table_script(cktf: Path, runs: Path, out: Path, companions: str, seeds: str, *args: str
                  ) -> subprocess.CompletedProcess:
     env = {**os.environ, "CKTF": str(cktf), "PYTHON": sys.executable, "SEEDS": seeds, "COMPANIONS": companions,
@@ -131,6 +135,7 @@ def table(tmp_path_factory, cktf_fast) -> dict:
     return {"root": root, "runs": root / "runs", "small": small, "proc": proc, "cktf": cktf_fast}
 
 
+@SCRIPT
 def test_the_script_runs_end_to_end_on_a_fixture(table):
     runs, out = table["runs"], table["root"] / "out"
     teacher = json.loads((runs / "fashion_labeled_teacher/metrics.json").read_text())
@@ -147,6 +152,7 @@ def test_the_script_runs_end_to_end_on_a_fixture(table):
     assert paired == table["proc"].stdout[-len(paired):]  # also printed
 
 
+@SCRIPT
 def test_a_rerun_keeps_the_finished_runs(table, monkeypatch):
     """The rerun repeats every command of the first run, each with --resume (the logged first commands are not run
     again, see recording_cktf), and writes the same tables; the real cktf accepts such a repeat of a finished run
@@ -172,6 +178,7 @@ def test_a_rerun_keeps_the_finished_runs(table, monkeypatch):
         assert same_run_metrics(run) == metrics, command
 
 
+@SCRIPT
 def test_an_unknown_companion_fails_the_script_with_its_name(table):
     root = table["root"]
     proc = table_script(recording_cktf(root, root / "nosuch.log", table["cktf"],

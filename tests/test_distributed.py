@@ -29,6 +29,8 @@ from transfer.engine.checkpoint import load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs/fashion_split"
 LAUNCH_TIMEOUT = 150
+pytestmark = pytest.mark.slow(reason="torchrun launches: ~10 s of CPU each (torchrun's agent and two ranks import "
+                                     "torch) before the ranks train, resume or refuse")
 
 
 def free_port() -> int:

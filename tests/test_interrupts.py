@@ -65,6 +65,8 @@ def uninterrupted(data, tmp_path_factory, cktf_fast):
     return states
 
 
+@pytest.mark.slow(reason="a cktf process per run (2 uninterrupted, then each stopped and resumed), compared bit "
+                         "for bit over 2-3 epochs")
 @pytest.mark.parametrize("stage,signame", [("train-teacher", "SIGINT"), ("train-teacher", "SIGTERM"),
                                            ("train-teacher", "SIGKILL"), ("transfer", "SIGTERM"),
                                            ("transfer", "SIGKILL")])
