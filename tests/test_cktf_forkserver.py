@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REAL = Path(sys.executable).parent / "cktf"
 
 
@@ -14,6 +16,7 @@ def run(executable: Path, *args: str, cwd: Path, stdin: str = "") -> subprocess.
     return subprocess.run([str(executable), *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow(reason="starts the fork server and the installed cktf three times to compare with")
 def test_the_fast_cktf_prints_and_exits_as_the_real_one(cktf_fast, tmp_path):
     for args in (["--version"], ["transfer", "--config", "missing.yaml"], ["methods"]):
         fast, real = run(cktf_fast, *args, cwd=tmp_path), run(REAL, *args, cwd=tmp_path)

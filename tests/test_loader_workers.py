@@ -146,6 +146,8 @@ def test_sigint_then_resume_with_workers_equals_uninterrupted(folder, straight, 
     assert_same_run(final_state(tmp_path / "run"), straight("transfer", "per_image", 4))
 
 
+@pytest.mark.slow(reason="a cktf process with 4 DataLoader workers killed in epoch 2, resumed, compared with the "
+                         "uninterrupted run")
 def test_sigkill_then_resume_with_workers_equals_uninterrupted(folder, straight, tmp_path, cktf_fast):
     """SIGKILL inside epoch 2 (batched augmentation), then --resume from the last step's checkpoint."""
     args = [*stage_args(folder, "transfer", tmp_path, 4, "batched"), "--train.checkpoint_every", "1"]
