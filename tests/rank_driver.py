@@ -20,8 +20,13 @@ Usage: ``torchrun --nproc_per_node 2 -m tests.rank_driver transfer --config …`
 * ``CKTF_TEST_COMPARABLE=1``: make one process with batch B comparable to W ranks with B/W each: the student
   without BatchNorm (BatchNorm couples a rank's samples; SyncBatchNorm needs CUDA), no random augmentation, and
   negatives that depend on the anchor only (per-rank RNG draws differ with the world size by design).
+* ``CKTF_TEST_SEQUENCE=FILE``: instead of ARGS, run the commands listed in FILE (JSON, see :func:`run_sequence`)
+  one after another in the same ranks, each joining and leaving the process group as a launch would. Every launch
+  costs each rank a torch import (~10 s of CPU for two ranks and torchrun's agent); commands whose outcome does
+  not depend on fresh processes (refusals before training, complete runs) share one launch this way.
 """
 
+import contextlib
 import json
 import os
 import shlex
@@ -160,14 +165,84 @@ def _comparable() -> None:
                                                                                                 num_negatives)
 
 
-def main() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    args = on_cpu(sys.argv[1:])
-    if os.environ.get(REPORT_CUDA_ENV):
-        report_cuda()
+def run_command(args: list[str], rank: int) -> tuple[int, list]:
+    """``cktf ARGS`` in this process: its exit code and the engines it ran (the last one holds the final state)."""
+    from transfer.cli import cli
+    from transfer.engine.trainer import Engine
+
+    engines = []
+    fit = Engine.fit
+
+    def capture(self, *a, **kw):
+        engines.append(self)
+        return fit(self, *a, **kw)
+
     extra = os.environ.get("CKTF_TEST_RANK_ARGS")
     if extra and int(extra.split(":", 1)[0]) == rank:
-        args += shlex.split(extra.split(":", 1)[1])
+        args = [*args, *shlex.split(extra.split(":", 1)[1])]
+    Engine.fit = capture
+    sys.argv = ["cktf", *args]
+    code = 0
+    try:
+        cli.main(args, prog_name="cktf")
+    except SystemExit as stop:
+        code = stop.code or 0
+    finally:
+        Engine.fit = fit
+    return code, engines
+
+
+def dump_state(folder: str | Path, rank: int, engine) -> None:
+    """The engine's task state and loss history as ``folder/rank<R>.safetensors``."""
+    from transfer.engine.checkpoint import save_checkpoint
+
+    save_checkpoint(Path(folder) / f"rank{rank}.safetensors",
+                    {"task": engine.task.checkpoint_state(), "history": engine.history})
+
+
+@contextlib.contextmanager
+def output_to(folder: Path, rank: int):
+    """Send this process's stdout and stderr (file descriptors 1 and 2) to ``folder/rank<R>.out`` / ``.err``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(folder / f"rank{rank}.out", "w") as out, open(folder / f"rank{rank}.err", "w") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def run_sequence(path: str, rank: int) -> None:
+    """Run each command of the JSON list at ``path`` in turn: ``{"args": [...], "out": DIR, "master_port": PORT,
+    "rank_args": {"1": "--train.lr 0.1"}, "dump": true}``. Its output goes to ``DIR/rank<R>.out``/``.err``, its exit
+    code to ``DIR/rank<R>.code``; ``rank_args`` are extra arguments for one rank, ``dump`` writes
+    ``DIR/rank<R>.safetensors`` as ``CKTF_TEST_DUMP`` does. Each command meets the other ranks at its own
+    ``MASTER_PORT``, where rank 0 hosts a new store: in torchrun's agent store, a process group created after the
+    last one was destroyed would find that group's keys and connect to the ranks' old addresses."""
+    for command in json.loads(Path(path).read_text()):
+        out = Path(command["out"])
+        os.environ.update(MASTER_PORT=str(command["master_port"]), TORCHELASTIC_USE_AGENT_STORE="False")
+        extra = command.get("rank_args", {}).get(str(rank), "")
+        with output_to(out, rank):
+            code, engines = run_command(on_cpu([*command["args"], *shlex.split(extra)]), rank)
+        (out / f"rank{rank}.code").write_text(str(code))
+        if command.get("dump") and code == 0 and engines:
+            dump_state(out, rank, engines[-1])
+
+
+def main() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    if os.environ.get(REPORT_CUDA_ENV):
+        report_cuda()
     if os.environ.get("CKTF_TEST_SIGNAL"):
         _signal_at(os.environ["CKTF_TEST_SIGNAL"], rank)
     if os.environ.get("CKTF_TEST_COMPARABLE"):
@@ -178,33 +253,16 @@ def main() -> None:
         _nan_mse(os.environ["CKTF_TEST_NAN_MSE"], rank)
     if os.environ.get("CKTF_TEST_SIMILARITY_NOISE"):
         _similarity_noise(rank)
+    if os.environ.get("CKTF_TEST_SEQUENCE"):
+        run_sequence(os.environ["CKTF_TEST_SEQUENCE"], rank)
+        sys.exit(0)
     mappings = _record_mappings() if os.environ.get("CKTF_TEST_SEEN") else []
-    from transfer.engine.checkpoint import save_checkpoint
-    from transfer.engine.trainer import Engine
-
-    engines = []
-    fit = Engine.fit
-
-    def capture(self, *a, **kw):
-        engines.append(self)
-        return fit(self, *a, **kw)
-
-    Engine.fit = capture
-    from transfer.cli import cli
-
-    sys.argv = ["cktf", *args]
-    code = 0
-    try:
-        cli.main(args, prog_name="cktf")
-    except SystemExit as stop:
-        code = stop.code or 0
+    code, engines = run_command(on_cpu(sys.argv[1:]), rank)
     if os.environ.get("CKTF_TEST_SEEN"):
         _write_seen(os.environ["CKTF_TEST_SEEN"], rank, code, engines, mappings)
     dump = os.environ.get("CKTF_TEST_DUMP")
     if dump and code == 0 and engines:
-        engine = engines[-1]
-        save_checkpoint(Path(dump) / f"rank{rank}.safetensors",
-                        {"task": engine.task.checkpoint_state(), "history": engine.history})
+        dump_state(dump, rank, engines[-1])
     sys.exit(code)
 
 

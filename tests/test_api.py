@@ -79,6 +79,7 @@ def test_terms_choose_the_method_as_in_a_config():
         CKTFLoss(student, teacher, num_items=6, sample_input=images, num_negatives=6)
 
 
+@pytest.mark.slow(reason="three real interpreters: which modules an import loads is what it checks")
 def test_import_transfer_and_import_teacher_help_do_not_import_torch():
     done = subprocess.run([sys.executable, "-c", "import sys, transfer; transfer.__version__; "
                            "print('torch' in sys.modules)"], capture_output=True, text=True, cwd=REPO)

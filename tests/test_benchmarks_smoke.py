@@ -18,6 +18,8 @@ from transfer.engine.checkpoint import save_checkpoint
 from transfer.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow(reason="each starts a benchmark script as a user would: a torch import (~5 s of CPU), "
+                                     "then timed runs (transfer_step.py: a worker process per method)")
 
 
 def run_benchmark(script: str, out: Path, *args: str, timeout: float = 120) -> dict[str, Any]:

@@ -25,8 +25,9 @@ FLIPS = {
 }
 
 
-def script(runs: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CKTF": str(Path(sys.executable).parent / "cktf"), "SEEDS": "0", "PYTHONPATH": str(REPO)}
+def script(runs: Path, out: Path, *extra: str, cktf: Path = Path(sys.executable).parent / "cktf"
+           ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CKTF": str(cktf), "SEEDS": "0", "PYTHONPATH": str(REPO)}
     return subprocess.run(["bash", "benchmarks/collapse_ablation.sh", str(runs), str(out), *extra], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
 
@@ -64,10 +65,12 @@ def study(tmp_path_factory) -> Path:
     return root
 
 
-def test_each_run_changes_one_setting_and_is_compared_with_both_end_points(study):
+@pytest.mark.slow(reason="the study fixture (teacher, 2 transfers, 2 probes), then the script's 5 transfers and 5 "
+                         "probes, each a cktf process")
+def test_each_run_changes_one_setting_and_is_compared_with_both_end_points(study, cktf_fast):
     runs, out = study / "runs", study / "report"
     proc = script(runs, out, "--data.root", str(study / "fashion"), *SMALL, "--sampler.num_negatives", "32",
-                  "--data.options.labels_per_class", "4")
+                  "--data.options.labels_per_class", "4", cktf=cktf_fast)  # the real cktf, without 11 torch imports
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name, (start, key, value) in FLIPS.items():
         flip = flatten(yaml.safe_load((runs / f"fashion_lowres_{name}_s0/config.yaml").read_text()))

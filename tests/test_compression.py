@@ -13,6 +13,8 @@ from transfer.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO / "configs/cifar100"
+CIFAR_TEACHER = pytest.mark.slow(reason="the module's resnet32x4 CIFAR-100 teacher (trained once, ~20 s) and "
+                                        "resnet8x4 students at 32 px")
 SMALL = ["--train.epochs", "2", "--train.batch_size", "16", "--train.eval_batch_size", "32", "--data.num_workers",
          "0", "--data.val_fraction", "0.25"]
 
@@ -28,7 +30,7 @@ def train_teacher(root: Path, config: Path, small: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
-    write_cifar(root / "data", "cifar100", n_train=96, n_test=32)
+    write_cifar(root / "data", "cifar100", n_train=48, n_test=16)
     return train_teacher(root, CIFAR / "teacher_resnet32x4.yaml", SMALL)
 
 
@@ -39,6 +41,7 @@ def compress(root: Path, *extra: str) -> tuple[int, str]:
                   *SMALL, *extra)
 
 
+@CIFAR_TEACHER
 def test_the_table1_config_trains_and_evaluates_the_student_every_epoch(cifar):
     code, out = compress(cifar)
     assert code == 0, out
@@ -60,6 +63,7 @@ def test_the_table1_config_trains_and_evaluates_the_student_every_epoch(cifar):
     assert "| final test acc (%) | best-epoch test acc (%) |" in table and "probe" not in table  # not a probe
 
 
+@CIFAR_TEACHER
 def test_a_pickle_carrying_code_stops_the_run_before_anything_runs(cifar, tmp_path):
     write_cifar(tmp_path / "data", "cifar100", n_train=8, n_test=4)
     marker = tmp_path / "ran"
@@ -114,6 +118,7 @@ def test_every_table2_row_has_a_config_with_the_papers_number():
             assert read_config_tree(path)["log"]["name"] == f"{folder}_cktf_{method}_{pair}"
 
 
+@CIFAR_TEACHER
 @pytest.mark.parametrize("config", TABLE2_CIFAR, ids=lambda p: p.name.split("_")[1])
 def test_each_table2_cifar_row_trains_on_the_fixture(cifar, config):
     method = config.name.split("_")[1]
@@ -146,6 +151,7 @@ def tiny(tmp_path_factory) -> Path:
     return train_teacher(root, TINY / "teacher_vgg19.yaml", TINY_SMALL)
 
 
+@pytest.mark.slow(reason="the module's VGG-19 Tiny-ImageNet teacher (trained once) and VGG-8 students at 64 px")
 @pytest.mark.parametrize("config", [TINY / "cktf_vgg19_vgg8.yaml", *sorted(TINY.glob("cktf_*_vgg19_vgg8.yaml"))],
                          ids=lambda p: p.stem.removesuffix("_vgg19_vgg8"))
 def test_each_tinyimagenet_vgg19_vgg8_row_trains_on_the_fixture(tiny, config):

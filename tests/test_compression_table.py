@@ -4,6 +4,7 @@ the configs say what the docs say they do, and the script runs end to end on a F
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.paired_table import render
+from tests.cli_helpers import invoke
 from tests.data_fixtures import write_fashion_idx
 from tests.lowres_runs import lowres_transfer
 from transfer.config import TeacherConfig, TransferConfig, load_config
@@ -82,41 +84,105 @@ def test_the_paired_table_puts_each_method_next_to_cktf_plus_it():
     assert "| sp | 1 |" not in text and "cktf_sp |" not in text
 
 
-def test_the_script_runs_end_to_end_on_a_fixture(tmp_path):
-    write_fashion_idx(tmp_path / "fashion", n_train=400, n_test=100)
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "CKTF": str(bin_dir / "cktf"), "PYTHON": sys.executable, "SEEDS": "0 1",
-           "COMPANIONS": "sp", "PYTHONPATH": str(REPO)}
-    small = ["--data.root", str(tmp_path / "fashion"), "--train.epochs", "1", "--train.batch_size", "16",
+def recording_cktf(folder: Path, log: Path, real: Path, skip_logged: Path | None = None) -> Path:
+    """An executable ``cktf`` that appends its arguments (one shell-quoted line) to ``log`` and runs ``real``.
+
+    With ``skip_logged`` (an earlier ``log``), a ``train-teacher``/``transfer`` command that already completed there
+    with the same arguments exits 0 at once, as the real ``cktf … --resume`` does for a finished run (a rerun of
+    the script then costs its few new commands)."""
+    skip = "" if skip_logged is None else (
+        f'case $1 in train-teacher|transfer) grep -qxF -- "$line" {shlex.quote(str(skip_logged))} && exit 0;; esac\n')
+    path = folder / ("cktf_again" if skip_logged else "cktf_first")
+    path.write_text(f'#!/usr/bin/env bash\nline=$(printf "%q " "$@")\necho "$line" >> {shlex.quote(str(log))}\n'
+                    f"{skip}exec {shlex.quote(str(real))} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+SCRIPT = pytest.mark.slow(reason="benchmarks/compression_table.sh on a fixture: a resnet14 teacher and 10 students, "
+                                  "each a cktf process")
+
+
+def table_script(cktf: Path, runs: Path, out: Path, companions: str, seeds: str, *args: str
+                 ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CKTF": str(cktf), "PYTHON": sys.executable, "SEEDS": seeds, "COMPANIONS": companions,
+           "PYTHONPATH": str(REPO)}
+    return subprocess.run(["bash", "benchmarks/compression_table.sh", str(runs), str(out), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def same_run_metrics(run: Path) -> dict:
+    """metrics.json without what measures the invocation itself."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {key: value for key, value in metrics.items() if not key.endswith("_this_invocation")}
+
+
+def logged(log: Path, *commands: str) -> list[str]:
+    return sorted(line for line in log.read_text().splitlines() if line.split(" ", 1)[0] in commands)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory, cktf_fast) -> dict:
+    """One run of the script on a fixture (seeds 0 and 1, companion sp), its commands logged; each command is the
+    real cktf, forked without a torch import of its own (``cktf_fast``, tests/conftest.py)."""
+    root = tmp_path_factory.mktemp("table")
+    write_fashion_idx(root / "fashion", n_train=200, n_test=40)
+    small = ["--data.root", str(root / "fashion"), "--train.epochs", "1", "--train.batch_size", "16",
              "--sampler.num_negatives", "32", "--train.device", "cpu"]
-    proc = subprocess.run(["bash", "benchmarks/compression_table.sh", str(tmp_path / "runs"), str(tmp_path / "out"),
-                           *small], cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    proc = table_script(recording_cktf(root, root / "first.log", cktf_fast), root / "runs", root / "out", "sp", "0 1",
+                        *small)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = tmp_path / "runs"
+    return {"root": root, "runs": root / "runs", "small": small, "proc": proc, "cktf": cktf_fast}
+
+
+@SCRIPT
+def test_the_script_runs_end_to_end_on_a_fixture(table):
+    runs, out = table["runs"], table["root"] / "out"
     teacher = json.loads((runs / "fashion_labeled_teacher/metrics.json").read_text())
     assert teacher["epochs"] == 1  # the data/train overrides reached the teacher too
     for name in ("student_s0", "student_s1", "kd_s1", "crd_s0", "cktf_s1", "sp_s0", "cktf_sp_s0"):
         metrics = json.loads((runs / f"fashion_labeled_{name}/metrics.json").read_text())
         assert 0.0 <= metrics["final_acc"] <= 1.0 and metrics["seed"] == int(name[-1]), name
     assert not (runs / "fashion_labeled_sp_s1").exists()  # companions: seed 0 only
-    table = (tmp_path / "out/comparison.md").read_text()
+    table_md = (out / "comparison.md").read_text()
     for method, n in (("student", 2), ("kd", 2), ("crd", 2), ("cktf", 2), ("sp", 1), ("cktf_sp", 1)):
-        assert f"| {method} | " in table and f"({n}) |" in table.split(f"| {method} | ")[1].split("\n")[0], method
-    paired = (tmp_path / "out/paired.md").read_text()
+        assert f"| {method} | " in table_md and f"({n}) |" in table_md.split(f"| {method} | ")[1].split("\n")[0], method
+    paired = (out / "paired.md").read_text()
     assert "| teacher (resnet14, 1 epochs) |" in paired and "\n| sp | " in paired
-    assert paired == proc.stdout[-len(paired):]  # also printed
-
-    again = subprocess.run(["bash", "benchmarks/compression_table.sh", str(runs), str(tmp_path / "out"), *small],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert again.returncode == 0 and (tmp_path / "out/paired.md").read_text() == paired  # finished runs are kept
+    assert paired == table["proc"].stdout[-len(paired):]  # also printed
 
 
-def test_an_unknown_companion_fails_the_script_with_its_name(tmp_path):
-    env = {**os.environ, "CKTF": str(Path(sys.executable).parent / "cktf"), "PYTHON": sys.executable, "SEEDS": "",
-           "COMPANIONS": "nosuch", "PYTHONPATH": str(REPO)}
-    write_fashion_idx(tmp_path / "fashion", n_train=40, n_test=20)
-    proc = subprocess.run(["bash", "benchmarks/compression_table.sh", str(tmp_path / "runs"), str(tmp_path / "out"),
-                           "--data.root", str(tmp_path / "fashion"), "--train.epochs", "1", "--train.batch_size", "8"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+@SCRIPT
+def test_a_rerun_keeps_the_finished_runs(table, monkeypatch):
+    """The rerun repeats every command of the first run, each with --resume (the logged first commands are not run
+    again, see recording_cktf), and writes the same tables; the real cktf accepts such a repeat of a finished run
+    without training it again (checked in-process on the teacher's and one student's command)."""
+    root, runs = table["root"], table["runs"]
+    first = root / "first.log"
+    cktf = recording_cktf(root, root / "again.log", table["cktf"], skip_logged=first)
+    again = table_script(cktf, runs, root / "out_again", "sp", "0 1", *table["small"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    trained = logged(first, "train-teacher", "transfer")
+    assert len(trained) == 11 and all(" --resume " in f" {line} " for line in trained), trained
+    assert logged(root / "again.log", "train-teacher", "transfer") == trained
+    assert (root / "out_again/paired.md").read_text() == (root / "out/paired.md").read_text()
+    monkeypatch.chdir(REPO)  # the script's config paths are relative to the repository
+    for command in ("train-teacher", "transfer"):
+        args = shlex.split(logged(first, command)[0])
+        run = runs / args[args.index("--log.name") + 1] if "--log.name" in args else runs / "fashion_labeled_teacher"
+        stamps = {name: (run / name).stat().st_mtime_ns for name in ("last.safetensors", "best.safetensors")}
+        metrics = same_run_metrics(run)
+        code, out = invoke(*args)
+        assert code == 0, out
+        assert {name: (run / name).stat().st_mtime_ns for name in stamps} == stamps, command  # not trained again
+        assert same_run_metrics(run) == metrics, command
+
+
+@SCRIPT
+def test_an_unknown_companion_fails_the_script_with_its_name(table):
+    root = table["root"]
+    proc = table_script(recording_cktf(root, root / "nosuch.log", table["cktf"],
+                                       skip_logged=root / "first.log"), table["runs"],
+                        root / "out_nosuch", "nosuch", "", *table["small"])
     assert proc.returncode != 0 and "FAILED: nosuch seed 0" in proc.stderr
     assert "nosuch.yaml" in proc.stderr and "Traceback" not in proc.stderr

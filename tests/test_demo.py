@@ -56,6 +56,8 @@ def test_every_config_of_a_proxy_reads_the_same_domains(configs):
     assert all(o == first for o in options.values()), options
 
 
+@pytest.mark.slow(reason="the whole demo (teacher, transfers, probes, controls, report) on a fixture, then three "
+                         "reruns")
 def test_demo_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     write_fashion_idx(tmp_path / "fashion", n_train=400, n_test=100)
     args = ["demo", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--data.root",

@@ -3,6 +3,9 @@
 Each rank dumps its task state at the end (``tests/rank_driver.py``), so the tests compare ranks with each
 other, with one process, and interrupted-then-resumed runs with uninterrupted ones. Every launch has a
 subprocess timeout and ``CKTF_DIST_TIMEOUT``, so a hung collective fails the test instead of blocking CI.
+A launch costs ~10 s of CPU before cktf starts (three torch imports), so commands that refuse before training or
+run to completion under the same instrumentation share one launch (:func:`launch_sequence`); interrupted runs and
+their resumes always get fresh processes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from transfer.engine.checkpoint import load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs/fashion_split"
 LAUNCH_TIMEOUT = 150
+pytestmark = pytest.mark.slow(reason="torchrun launches: ~10 s of CPU each (torchrun's agent and two ranks import "
+                                     "torch) before the ranks train, resume or refuse")
 
 
 def free_port() -> int:
@@ -47,6 +52,26 @@ def launch(args: list[str], *, nproc: int = 2, **env: str) -> subprocess.Complet
         [sys.executable, "-m", "tests.rank_driver"]
     return subprocess.run([*runner, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=LAUNCH_TIMEOUT)
+
+
+def launch_sequence(spec: Path, commands: list[dict], *, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """One :func:`launch` running ``commands`` in turn (tests/rank_driver.py, CKTF_TEST_SEQUENCE; the list is written
+    to ``spec``): what separate launches of commands that refuse before training, or run to completion, would show,
+    at one launch's cost. Each command's output and exit code are read back with :func:`command_result`."""
+    spec.write_text(json.dumps([{**command, "master_port": free_port()} for command in commands]))
+    return launch([], nproc=nproc, CKTF_TEST_SEQUENCE=str(spec), **env)
+
+
+def command_result(done: subprocess.CompletedProcess, out: Path, ranks: tuple[int, ...] = (0, 1)
+                   ) -> subprocess.CompletedProcess:
+    """One command of a :func:`launch_sequence`, as if launched alone: its ranks' output, and the first nonzero
+    exit code of its ranks (0 if all succeeded). A command the launch never finished fails with its output."""
+    if not all((out / f"rank{rank}.code").is_file() for rank in ranks):
+        found = {p.name: p.read_text()[-2000:] for p in sorted(out.glob("rank*.err"))}
+        pytest.fail(f"the launch did not finish this command: {found}\n{done.stderr[-3000:]}")
+    codes = [int((out / f"rank{rank}.code").read_text()) for rank in ranks]
+    text = {kind: "".join((out / f"rank{rank}.{kind}").read_text() for rank in ranks) for kind in ("out", "err")}
+    return subprocess.CompletedProcess(done.args, next((c for c in codes if c), 0), text["out"], text["err"])
 
 
 @pytest.fixture(scope="module")
@@ -104,19 +129,73 @@ def check_identical_ranks(done: subprocess.CompletedProcess, dump: Path, run: Pa
     assert sorted(set(files) - set(events)) == [".cktf-run", "config.yaml", "last.safetensors", "metrics.json"]
 
 
-@pytest.mark.parametrize("config,extra,banks", [
-    ("kd", (), 0),
-    ("crd", ("--sampler.shared", "true"), 2),
-    ("cktf", ("--sampler.shared", "false", "--loss.nce.bank_dtype", "fp16"), 10),
-], ids=["kd", "crd-shared", "cktf-per-anchor-fp16-banks"])
-def test_ranks_stay_identical(data, tmp_path, config, extra, banks):
-    done = launch([*transfer_args(data, tmp_path / "runs", config, *extra), "--train.epochs", "1"],
-                  CKTF_TEST_DUMP=str(tmp_path))
-    check_identical_ranks(done, tmp_path, tmp_path / "runs/run", banks,
+# CRD with shared negatives is CKTF's shared run (test_cktf_shared_ranks_stay_identical) without the stage terms
+IDENTICAL = {
+    "kd": ("kd", (), 0),
+    "cktf-per-anchor-fp16-banks": ("cktf", ("--sampler.shared", "false", "--loss.nce.bank_dtype", "fp16"), 10),
+}
+
+
+def interrupt_args(data: Path, runs: Path) -> list[str]:
+    return [*transfer_args(data, runs, "cktf", "--train.checkpoint_every", "3"), "--train.epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def complete_runs(data, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One launch for the runs that complete: first (in fresh processes, as the interrupted runs resume) the
+    uninterrupted 2-epoch CKTF run in ``straight``, then one epoch of each IDENTICAL case; every rank's final
+    state dumped."""
+    root = tmp_path_factory.mktemp("complete")
+    commands = [{"args": interrupt_args(data, root / "straight"), "out": str(root / "straight"), "dump": True}]
+    commands += [{"args": [*transfer_args(data, root / case / "runs", config, *extra), "--train.epochs", "1"],
+                  "out": str(root / case), "dump": True} for case, (config, extra, _) in IDENTICAL.items()]
+    return launch_sequence(root / "sequence.json", commands), root
+
+
+@pytest.mark.parametrize("case", IDENTICAL)
+def test_ranks_stay_identical(complete_runs, case):
+    done, root = complete_runs
+    _, extra, banks = IDENTICAL[case]
+    check_identical_ranks(command_result(done, root / case), root / case, root / case / "runs/run", banks,
                           torch.float16 if "fp16" in extra else torch.float32)
 
 
-def test_two_ranks_equal_one_process_with_the_global_batch(data, tmp_path):
+def pretraining_args(data: Path, runs: Path, tmp_path: Path) -> list[str]:
+    """FT's paraphraser and FitNet's hint stage pre-trained for one epoch each, then no main loop (epochs 0: the
+    saved state is what the init phases left, before DDP would broadcast rank 0's weights)."""
+    cfg = yaml.safe_load((CONFIGS / "kd.yaml").read_text())
+    cfg["loss"] = {"method": "ft_fitnet", "terms": {"ft": {"weight": 1.0, "init_epochs": 1},
+                                                    "fitnet": {"weight": 1.0, "init_epochs": 1}}}
+    config = tmp_path / "ft_fitnet.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    args = transfer_args(data, runs, "kd", "--log.tensorboard", "false", "--train.epochs", "0")
+    args[args.index("--config") + 1] = str(config)
+    return args
+
+
+@pytest.fixture(scope="module")
+def comparable(data, tmp_path_factory) -> tuple[dict[str, subprocess.CompletedProcess], Path]:
+    """Two runs made comparable (tests/rank_driver.py, CKTF_TEST_COMPARABLE), each on 2 ranks (one launch for both)
+    and in one process with the global batch (one launch): ``global_batch``, CKTF + KD with per-anchor negatives
+    for one epoch, and ``init_phases`` (:func:`pretraining_args`). Each rank's final state is dumped into
+    ``<case>/two`` or ``<case>/one``."""
+    root = tmp_path_factory.mktemp("comparable")
+    cases = {
+        "global_batch": [*transfer_args(data, root / "runs", "cktf", "--sampler.shared", "false",
+                                        "--loss.terms.kd.weight", "0.5", "--loss.nce.projection", "linear",
+                                        "--train.lr", "0.005", "--train.channels_last", "false",
+                                        "--log.tensorboard", "false"), "--train.epochs", "1"],
+        "init_phases": pretraining_args(data, root / "runs", root),
+    }
+    launches = {}
+    for world, nproc in (("two", 2), ("one", 0)):
+        commands = [{"args": [*args, "--log.name", f"{case}_{world}"], "out": str(root / case / world), "dump": True}
+                    for case, args in cases.items()]
+        launches[world] = launch_sequence(root / f"{world}.json", commands, nproc=nproc, CKTF_TEST_COMPARABLE="1")
+    return launches, root
+
+
+def test_two_ranks_equal_one_process_with_the_global_batch(comparable):
     """2 ranks x batch 8 against 1 process x batch 16, CKTF + KD with per-anchor negatives.
 
     Made comparable (tests/rank_driver.py, CKTF_TEST_COMPARABLE): a student without BatchNorm (a rank's
@@ -124,16 +203,13 @@ def test_two_ranks_equal_one_process_with_the_global_batch(data, tmp_path):
     and negatives keyed by the anchor (by design each rank draws its own). What remains is float rounding:
     the global batch's gradient is the mean of the two ranks' gradients, summed in a different order.
     """
-    args = [*transfer_args(data, tmp_path / "runs", "cktf", "--sampler.shared", "false", "--loss.terms.kd.weight",
-                           "0.5", "--loss.nce.projection", "linear", "--train.lr", "0.005",
-                           "--train.channels_last", "false",
-                           "--log.tensorboard", "false"), "--train.epochs", "1"]
-    one = launch([*args, "--log.name", "one"], nproc=0, CKTF_TEST_DUMP=str(tmp_path / "one"), CKTF_TEST_COMPARABLE="1")
+    launches, root = comparable
+    one = command_result(launches["one"], root / "global_batch/one", ranks=(0,))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = launch([*args, "--log.name", "two"], CKTF_TEST_DUMP=str(tmp_path / "two"), CKTF_TEST_COMPARABLE="1")
+    two = command_result(launches["two"], root / "global_batch/two")
     assert two.returncode == 0, two.stderr[-3000:]
-    single, single_history = dumped(tmp_path / "one", 0)
-    ranked, ranked_history = dumped(tmp_path / "two", 0)
+    single, single_history = dumped(root / "global_batch/one", 0)
+    ranked, ranked_history = dumped(root / "global_batch/two", 0)
     assert single.keys() == ranked.keys()
     for key in single:
         a, b = single[key].double(), ranked[key].double()
@@ -144,15 +220,10 @@ def test_two_ranks_equal_one_process_with_the_global_batch(data, tmp_path):
             assert row_b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-def interrupt_args(data: Path, runs: Path) -> list[str]:
-    return [*transfer_args(data, runs, "cktf", "--train.checkpoint_every", "3"), "--train.epochs", "2"]
-
-
 @pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("straight")
-    done = launch(interrupt_args(data, runs), CKTF_TEST_DUMP=str(runs))
-    return done, runs
+def uninterrupted(complete_runs) -> tuple[subprocess.CompletedProcess, Path]:
+    done, root = complete_runs
+    return command_result(done, root / "straight"), root / "straight"
 
 
 def test_cktf_shared_ranks_stay_identical(uninterrupted):
@@ -231,33 +302,20 @@ def test_a_doubled_sigterm_and_a_slow_checkpoint_still_save_before_any_rank_leav
     assert load_checkpoint(tmp_path / "run/last.safetensors").state["progress"]["batches"] == 5
 
 
-def pretraining_args(data: Path, runs: Path, tmp_path: Path) -> list[str]:
-    """FT's paraphraser and FitNet's hint stage pre-trained for one epoch each, then no main loop (epochs 0: the
-    saved state is what the init phases left, before DDP would broadcast rank 0's weights)."""
-    cfg = yaml.safe_load((CONFIGS / "kd.yaml").read_text())
-    cfg["loss"] = {"method": "ft_fitnet", "terms": {"ft": {"weight": 1.0, "init_epochs": 1},
-                                                    "fitnet": {"weight": 1.0, "init_epochs": 1}}}
-    config = tmp_path / "ft_fitnet.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    args = transfer_args(data, runs, "kd", "--log.tensorboard", "false", "--train.epochs", "0")
-    args[args.index("--config") + 1] = str(config)
-    return args
-
-
-def test_init_phases_train_every_rank_as_one_process(data, tmp_path):
+def test_init_phases_train_every_rank_as_one_process(comparable):
     """The init phases run before the main loop's DDP wrap: their steps must average gradients across ranks. Both
     ranks end identical (weights and BatchNorm statistics), and FT's paraphraser (no BatchNorm) equals one process
     with the global batch; without the sync each rank trained on its own half."""
-    args = pretraining_args(data, tmp_path / "runs", tmp_path)
-    two = launch([*args, "--log.name", "two"], CKTF_TEST_DUMP=str(tmp_path / "two"), CKTF_TEST_COMPARABLE="1")
+    launches, root = comparable
+    two = command_result(launches["two"], root / "init_phases/two")
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count("loss.terms.ft pre-training: epoch 1/1") == 1
-    rank0, _ = dumped(tmp_path / "two", 0)
-    rank1, _ = dumped(tmp_path / "two", 1)
+    rank0, _ = dumped(root / "init_phases/two", 0)
+    rank1, _ = dumped(root / "init_phases/two", 1)
     assert_same(rank0, rank1)
-    one = launch([*args, "--log.name", "one"], nproc=0, CKTF_TEST_DUMP=str(tmp_path / "one"), CKTF_TEST_COMPARABLE="1")
+    one = command_result(launches["one"], root / "init_phases/one", ranks=(0,))
     assert one.returncode == 0, one.stderr[-3000:]
-    single, _ = dumped(tmp_path / "one", 0)
+    single, _ = dumped(root / "init_phases/one", 0)
     paraphraser = [key for key in single if ".paraphraser." in key]
     assert paraphraser
     for key in paraphraser:
@@ -282,20 +340,33 @@ def one_error_line(done: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("config,extra,env,needles", [
-    ("kd", ("--train.batch_size", "15"), {}, ("train.batch_size 15 is not divisible by the 2",)),
-    ("kd", ("--train.sync_bn", "true"), {}, ("train.sync_bn needs CUDA",)),
-    ("kd", (), {"CKTF_TEST_RANK_ARGS": "1:--train.lr 0.1"}, ("ranks disagree on the resolved config",)),
+REFUSALS = {
+    "batch": ("kd", ("--train.batch_size", "15"), {}, ("train.batch_size 15 is not divisible by the 2",)),
+    "sync_bn-cpu": ("kd", ("--train.sync_bn", "true"), {}, ("train.sync_bn needs CUDA",)),
+    "config-differs": ("kd", (), {"1": "--train.lr 0.1"}, ("ranks disagree on the resolved config",)),
     # rank 0 alone would build and broadcast a neighbour table: the config check must come before that collective
-    ("crd", ("--sampler.kind", "debiased", "--sampler.shared", "false", "--sampler.k", "2"),
-     {"CKTF_TEST_RANK_ARGS": "1:--sampler.kind uniform", "CKTF_DIST_TIMEOUT": "20"},
-     ("ranks disagree on the resolved config",)),
-], ids=["batch", "sync_bn-cpu", "config-differs", "sampler-kind-differs"])
-def test_refused_in_one_line_before_the_run_directory(data, tmp_path, config, extra, env, needles):
-    done = launch([*transfer_args(data, tmp_path, config, *extra), "--train.epochs", "1", "--sampler.cache_dir",
-                   str(tmp_path / "neighbours")], **env)
-    one_error_line(done, *needles)
-    assert not (tmp_path / "run").exists()
+    "sampler-kind-differs": ("crd", ("--sampler.kind", "debiased", "--sampler.shared", "false", "--sampler.k", "2"),
+                             {"1": "--sampler.kind uniform"}, ("ranks disagree on the resolved config",)),
+}
+
+
+@pytest.fixture(scope="module")
+def refusals(data, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """Every REFUSALS command (``rank_args``: extra arguments for one rank), one launch for all."""
+    root = tmp_path_factory.mktemp("refusals")
+    commands = [{"args": [*transfer_args(data, root / case, config, *extra), "--train.epochs", "1",
+                          "--sampler.cache_dir", str(root / case / "neighbours")],
+                 "out": str(root / case / "out"), "rank_args": rank_args}
+                for case, (config, extra, rank_args, _) in REFUSALS.items()]
+    return launch_sequence(root / "sequence.json", commands, CKTF_DIST_TIMEOUT="20"), root
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refused_in_one_line_before_the_run_directory(refusals, case):
+    done, root = refusals
+    one_error_line(command_result(done, root / case / "out"), *REFUSALS[case][3])
+    assert all(int((root / case / f"out/rank{rank}.code").read_text()) for rank in (0, 1))  # every rank stops
+    assert not (root / case / "run").exists()
 
 
 def test_unreachable_rank_times_out_naming_the_address(data, tmp_path):

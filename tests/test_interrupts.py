@@ -5,7 +5,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -41,9 +40,11 @@ def stage_args(data: Path, stage: str, runs: Path) -> list[str]:
             str(data / "runs/teacher/best.safetensors"), "--train.epochs", "2", "--sampler.num_negatives", "64"]
 
 
-def cktf(signame: str, at: int, args: list[str]) -> subprocess.CompletedProcess:
+def cktf(fast: Path, signame: str, at: int, args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m tests.signal_driver SIGNAME AT ARGS`` as a process of its own, forked without a torch import
+    (``fast`` is the ``cktf_fast`` fixture, tests/cktf_forkserver.py)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), REPORT_CUDA_ENV: "1"}  # on the CPU although CUDA is reported
-    return subprocess.run([sys.executable, "-m", "tests.signal_driver", signame, str(at), *args], cwd=REPO, env=env,
+    return subprocess.run([str(fast), "-m", "tests.signal_driver", signame, str(at), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -54,24 +55,26 @@ def final_state(run: Path) -> tuple[dict, list]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory):
+def uninterrupted(data, tmp_path_factory, cktf_fast):
     states = {}
     for stage in ("train-teacher", "transfer"):
         runs = tmp_path_factory.mktemp(f"straight_{stage}")
-        done = cktf("SIGTERM", 0, stage_args(data, stage, runs))
+        done = cktf(cktf_fast, "SIGTERM", 0, stage_args(data, stage, runs))
         assert done.returncode == 0, done.stderr
         states[stage] = final_state(runs / "run")
     return states
 
 
+@pytest.mark.slow(reason="a cktf process per run (2 uninterrupted, then each stopped and resumed), compared bit "
+                         "for bit over 2-3 epochs")
 @pytest.mark.parametrize("stage,signame", [("train-teacher", "SIGINT"), ("train-teacher", "SIGTERM"),
                                            ("train-teacher", "SIGKILL"), ("transfer", "SIGTERM"),
                                            ("transfer", "SIGKILL")])
-def test_signal_then_resume_equals_uninterrupted(data, uninterrupted, tmp_path, stage, signame):
+def test_signal_then_resume_equals_uninterrupted(data, uninterrupted, tmp_path, cktf_fast, stage, signame):
     batches = 3 * (11 + 2) if stage == "train-teacher" else 2 * 12
     at = random.Random(f"{stage}{signame}").randint(2, batches - 2)
     args = stage_args(data, stage, tmp_path)
-    stopped = cktf(signame, at, args)
+    stopped = cktf(cktf_fast, signame, at, args)
     signum = getattr(signal, signame)
     if signame == "SIGKILL":
         assert stopped.returncode == -signum
@@ -82,7 +85,7 @@ def test_signal_then_resume_equals_uninterrupted(data, uninterrupted, tmp_path, 
         assert "continue with: cktf " in last and last.endswith("--resume")
         saved = load_checkpoint(tmp_path / "run/last.safetensors").state
         assert saved["step"] > 0
-    resumed = cktf("SIGTERM", 0, [*args, "--resume"])
+    resumed = cktf(cktf_fast, "SIGTERM", 0, [*args, "--resume"])
     assert resumed.returncode == 0, (at, resumed.stderr)
     if signame != "SIGKILL":
         epoch, batch = last.split(" at epoch ")[1].split(":")[0].split(", batch ")

@@ -146,10 +146,12 @@ def test_sigint_then_resume_with_workers_equals_uninterrupted(folder, straight, 
     assert_same_run(final_state(tmp_path / "run"), straight("transfer", "per_image", 4))
 
 
-def test_sigkill_then_resume_with_workers_equals_uninterrupted(folder, straight, tmp_path):
+@pytest.mark.slow(reason="a cktf process with 4 DataLoader workers killed in epoch 2, resumed, compared with the "
+                         "uninterrupted run")
+def test_sigkill_then_resume_with_workers_equals_uninterrupted(folder, straight, tmp_path, cktf_fast):
     """SIGKILL inside epoch 2 (batched augmentation), then --resume from the last step's checkpoint."""
     args = [*stage_args(folder, "transfer", tmp_path, 4, "batched"), "--train.checkpoint_every", "1"]
-    killed = cktf("SIGKILL", BATCHES + 3, args)  # + 1: the end of epoch 1 is a call too
+    killed = cktf(cktf_fast, "SIGKILL", BATCHES + 3, args)  # + 1: the end of epoch 1 is a call too
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     code, out = invoke(*args, "--resume")
     assert code == 0 and f"resuming {tmp_path / 'run'} after batch 1 of epoch 2" in out, out

@@ -111,6 +111,7 @@ def test_channel_and_size_mismatches_are_one_line(setup, tmp_path):
     assert not (setup / "runs/tiny").exists()
 
 
+@pytest.mark.slow(reason="the installed cktf as processes started from another directory: a torch import each")
 def test_an_installed_cktf_runs_its_shipped_configs_from_anywhere(setup, tmp_path):
     """Issue 20: `--config image_folder/cktf.yaml` works outside the checkout. The package is built into a wheel
     from a copy of the sources and installed into its own folder (its dependencies come from this venv), then

@@ -68,6 +68,8 @@ def small(root: Path) -> list[str]:
             str(root / "runs")]
 
 
+@pytest.mark.slow(reason="a VGG-19 teacher (module fixture), a VGG-8/VGG-19 student at 64 px and an augmenting "
+                         "probe")
 @pytest.mark.parametrize("student", ["vgg8", "vgg19"])
 def test_tinyimagenet_teacher_to_stl10_student_and_probe(teacher, student):
     root = teacher

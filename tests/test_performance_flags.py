@@ -293,6 +293,7 @@ def test_flags_are_listed_in_help(command):
         assert key in out, key
 
 
+@pytest.mark.slow(reason="starts benchmarks/train_step.py as a user would: a torch import, then timed rounds")
 def test_train_step_benchmark_runs_tiny(tmp_path):
     out = tmp_path / "train_step.json"
     proc = subprocess.run([sys.executable, "benchmarks/train_step.py", "--cases", "resnet8:1:16", "--batch", "4",

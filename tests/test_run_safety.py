@@ -184,6 +184,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
 
 
+@pytest.mark.slow(reason="two real interpreters: what they print from the first import on is what it checks")
 def test_output_is_quiet_and_says_what_runs(fashion, tmp_path):
     done = run_cli(*probe(fashion),
                    "--probe.backbone", "pixels", "--probe.out", str(tmp_path / "p"), "--train.epochs", "2",
