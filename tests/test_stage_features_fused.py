@@ -65,3 +65,23 @@ def test_a_map_in_neither_layout_is_reduced_too():
     (grad,) = torch.autograd.grad(got.sum(), x)
     (want,) = torch.autograd.grad(normalise_then_pool(x, 4).sum(), x)
     assert torch.allclose(grad, want, rtol=1e-12, atol=1e-14)
+
+
+def test_the_global_pool_sends_a_broadcast_gradient_that_adds_up_with_the_networks_own():
+    from transfer.losses.projection import pool_flatten
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, 6, dtype=torch.float64, generator=g).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1).double()
+    upstream = torch.randn(4, 3, dtype=torch.float64, generator=g)
+    # the map feeds both the next layer and the pool, as a tapped stage does
+    total = conv(x).square().sum() + (pool_flatten(x) * upstream).sum()
+    want = conv(x).square().sum() + (x.mean(dim=(2, 3)) * upstream).sum()
+    (got_grad,) = torch.autograd.grad(total, x)
+    (want_grad,) = torch.autograd.grad(want, x)
+    assert torch.allclose(got_grad, want_grad, rtol=1e-12, atol=1e-15)
+    (alone,) = torch.autograd.grad((pool_flatten(x) * upstream).sum(), x)
+    assert alone.stride()[2:] == (0, 0)  # a view, nothing map-sized written
+    assert torch.equal(alone, (upstream / 30)[:, :, None, None].expand(4, 3, 5, 6))
+    assert torch.autograd.gradcheck(pool_flatten, (x.detach().requires_grad_(),))

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Literal
 
 import einops
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -26,13 +27,32 @@ from transfer.errors import CKTFError
 _EMBED_RANGE = (16, 1024)
 
 
+class _SpatialMean(torch.autograd.Function):
+    """``[B, C, H, W]`` → mean over H, W, whose gradient is the ``[B, C]`` one broadcast (a stride-0 view).
+
+    Autograd's mean writes a map-sized gradient (67 MB for a 64×64×64 stem at batch 64), only for it to be added
+    to the gradient the network's next layer sends the same map; the autograd engine adds a broadcast view into
+    that one in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.shape = x.shape
+        return x.mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        b, c, h, w = ctx.shape
+        return (grad / (h * w))[:, :, None, None].expand(b, c, h, w)
+
+
 def pool_flatten(x: Tensor) -> Tensor:
     """``[B, C, H, W]`` → mean over H, W; ``[B, N, C]`` tokens → mean over N; ``[B, C]`` unchanged.
 
     Never normalises or averages across the batch dimension (see the module docstring).
     """
     if x.dim() == 4:
-        return einops.reduce(x, "b c h w -> b c", "mean")
+        return _SpatialMean.apply(x)
     if x.dim() == 3:
         return einops.reduce(x, "b n c -> b c", "mean")
     if x.dim() == 2:

@@ -59,14 +59,23 @@ def _flat_layout(x: Tensor) -> tuple[Tensor, bool]:
     return x.contiguous().view(x.shape[0], -1), False
 
 
+_CHUNK_ELEMENTS = 1 << 20  # per temporary (4 MiB of fp32): cache-sized, and below the allocator's mmap threshold
+
+
+def _sample_chunks(batch: int, per_sample: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
+    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
+
+
 class _BatchNormalisedPool(torch.autograd.Function):
     """``pool(x / ‖x‖_batch)``: the batch-dimension L2 normalisation and the pooling in a few passes.
 
     Autograd through ``F.normalize`` and a mean keeps ~6 map-sized temporaries forward and backward; here the
-    forward reads the map twice (norms, scaled copy) and the backward is ``∂x = ∂y·r − x·r³·Σ_b(∂y·x)`` with
-    ``r = 1/max(‖x‖_b, eps)`` (the second part vanishes where the norm was clamped). ``window=None`` pools
-    globally without materialising ``∂y``; else ``window × window`` cells as :func:`window_pool`. Computes in
-    fp32 and returns the input's gradient in its dtype and memory format.
+    forward reads the map twice (norms; scaled and pooled a few samples at a time) and the backward is
+    ``∂x = ∂y·r − x·r³·Σ_b(∂y·x)`` with ``r = 1/max(‖x‖_b, eps)`` (the second part vanishes where the norm was
+    clamped), whose only map-sized tensor is the gradient itself. ``window=None`` pools globally; else
+    ``window × window`` cells as :func:`window_pool`. Computes in fp32 and returns the input's gradient in its
+    dtype and memory format.
     """
 
     @staticmethod
@@ -75,16 +84,22 @@ class _BatchNormalisedPool(torch.autograd.Function):
         flat = flat.to(torch.promote_types(x.dtype, torch.float32))
         norm = torch.linalg.vector_norm(flat, dim=0)
         inverse = norm.clamp_min(NORM_EPS).reciprocal_()
-        scaled = flat * inverse
         b, c, h, w = x.shape
         ctx.save_for_backward(x, inverse, norm > NORM_EPS)
         ctx.window, ctx.channels_last = window, channels_last
+        chunks = _sample_chunks(b, flat.shape[1])
         if window is None:
-            return scaled.view(b, h * w, c).mean(1) if channels_last else scaled.view(b, c, h * w).mean(2)
-        grid = scaled.view(b, h, w, c).permute(0, 3, 1, 2) if channels_last else scaled.view(b, c, h, w)
+            cells = flat.view(b, h * w, c) if channels_last else flat.view(b, c, h * w)
+            weights = inverse.view(cells.shape[1:])
+            return torch.cat([(cells[part] * weights).mean(1 if channels_last else 2) for part in chunks])
         kernel = _windows(h, w, window)
         ctx.kernel = kernel
-        return einops.rearrange(F.avg_pool2d(grid, kernel, stride=kernel), "b c h w -> b (c h w)")
+        pooled = []
+        for part in chunks:
+            scaled = flat[part] * inverse
+            grid = scaled.view(-1, h, w, c).permute(0, 3, 1, 2) if channels_last else scaled.view(-1, c, h, w)
+            pooled.append(F.avg_pool2d(grid, kernel, stride=kernel))
+        return einops.rearrange(torch.cat(pooled), "b c h w -> b (c h w)")
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -93,13 +108,12 @@ class _BatchNormalisedPool(torch.autograd.Function):
         flat, channels_last = _flat_layout(x)
         flat = flat.to(inverse.dtype)
         grad = grad.to(inverse.dtype)
+        chunks = _sample_chunks(b, flat.shape[1])
         if ctx.window is None:
-            per_cell = grad / (h * w)  # ∂y is this, broadcast over the H·W cells
-            shape = (b, 1, c) if channels_last else (b, c, 1)
-            spread = per_cell.view(shape)
-            cells = (flat.view(b, -1, c) if channels_last else flat.view(b, c, -1))
-            dot = (cells * spread).sum(0).view(-1)  # Σ_b ∂y·x per entry
-            correction = (inverse.pow(3) * dot).masked_fill_(~live, 0.0)
+            spread = (grad / (h * w)).view((b, 1, c) if channels_last else (b, c, 1))  # ∂y, broadcast over cells
+            cells = flat.view(b, -1, c) if channels_last else flat.view(b, c, -1)
+            dot = sum((cells[part] * spread[part]).sum(0) for part in chunks)  # Σ_b ∂y·x per entry
+            correction = (inverse.pow(3) * dot.view(-1)).masked_fill_(~live, 0.0)
             grad_flat = flat * correction.neg_()
             grad_cells = grad_flat.view(b, -1, c) if channels_last else grad_flat.view(b, c, -1)
             grad_cells.addcmul_(spread, inverse.view(grad_cells.shape[1:]))
@@ -110,9 +124,9 @@ class _BatchNormalisedPool(torch.autograd.Function):
                                                            True, None)
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             grad_y, _ = _flat_layout(grad_grid.contiguous(memory_format=memory_format))
-            dot = (grad_y * flat).sum(0)
+            dot = sum((grad_y[part] * flat[part]).sum(0) for part in chunks)
             correction = (inverse.pow(3) * dot).masked_fill_(~live, 0.0)
-            grad_flat = grad_y.mul_(inverse).sub_(flat * correction)
+            grad_flat = grad_y.mul_(inverse).addcmul_(flat, correction, value=-1.0)
         grad_flat = grad_flat.to(x.dtype)
         if channels_last:
             return grad_flat.view(b, h, w, c).permute(0, 3, 1, 2), None
