@@ -67,6 +67,27 @@ def _sample_chunks(batch: int, per_sample: int) -> list[slice]:
     return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
 
 
+def _inverse_batch_norms(flat: Tensor) -> tuple[Tensor, Tensor]:
+    """``1 / max(‖flat[:, m]‖, eps)`` for every column of a ``[B, M]`` map, and where the norm was not clamped.
+
+    Summed as squares a few samples at a time: ``linalg.vector_norm(dim=0)`` is ~30x slower on CPU here.
+    """
+    norm = sum(flat[part].square().sum(0) for part in _sample_chunks(flat.shape[0], flat.shape[1])).sqrt_()
+    return norm.clamp_min(NORM_EPS).reciprocal_(), norm > NORM_EPS
+
+
+def _cells(flat: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
+    """A ``[b, M]`` flat map as ``[b, H·W, C]`` (channels-last order) or ``[b, C, H·W]``."""
+    _, c, h, w = shape
+    return flat.view(-1, h * w, c) if channels_last else flat.view(-1, c, h * w)
+
+
+def _grid(flat: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
+    """A ``[b, M]`` flat map back as ``[b, C, H, W]`` (a view, in the flat map's memory format)."""
+    _, c, h, w = shape
+    return flat.view(-1, h, w, c).permute(0, 3, 1, 2) if channels_last else flat.view(-1, c, h, w)
+
+
 class _BatchNormalisedPool(torch.autograd.Function):
     """``pool(x / ‖x‖_batch)``: the batch-dimension L2 normalisation and the pooling in a few passes.
 
@@ -82,24 +103,19 @@ class _BatchNormalisedPool(torch.autograd.Function):
     def forward(ctx, x: Tensor, window: int | None) -> Tensor:
         flat, channels_last = _flat_layout(x)
         flat = flat.to(torch.promote_types(x.dtype, torch.float32))
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         chunks = _sample_chunks(b, flat.shape[1])
-        # ‖x‖ over the batch as chunked sums of squares: linalg.vector_norm(dim=0) is ~30x slower on CPU here
-        norm = sum(flat[part].square().sum(0) for part in chunks).sqrt_()
-        inverse = norm.clamp_min(NORM_EPS).reciprocal_()
-        ctx.save_for_backward(x, inverse, norm > NORM_EPS)
-        ctx.window, ctx.channels_last = window, channels_last
+        inverse, live = _inverse_batch_norms(flat)
+        ctx.save_for_backward(x, inverse, live)
+        ctx.window = window
         if window is None:
-            cells = flat.view(b, h * w, c) if channels_last else flat.view(b, c, h * w)
+            cells = _cells(flat, x.shape, channels_last)
             weights = inverse.view(cells.shape[1:])
             return torch.cat([(cells[part] * weights).mean(1 if channels_last else 2) for part in chunks])
         kernel = _windows(h, w, window)
         ctx.kernel = kernel
-        pooled = []
-        for part in chunks:
-            scaled = flat[part] * inverse
-            grid = scaled.view(-1, h, w, c).permute(0, 3, 1, 2) if channels_last else scaled.view(-1, c, h, w)
-            pooled.append(F.avg_pool2d(grid, kernel, stride=kernel))
+        pooled = [F.avg_pool2d(_grid(flat[part] * inverse, x.shape, channels_last), kernel, stride=kernel)
+                  for part in chunks]
         return einops.rearrange(torch.cat(pooled), "b c h w -> b (c h w)")
 
     @staticmethod
@@ -112,26 +128,22 @@ class _BatchNormalisedPool(torch.autograd.Function):
         chunks = _sample_chunks(b, flat.shape[1])
         if ctx.window is None:
             spread = (grad / (h * w)).view((b, 1, c) if channels_last else (b, c, 1))  # ∂y, broadcast over cells
-            cells = flat.view(b, -1, c) if channels_last else flat.view(b, c, -1)
+            cells = _cells(flat, x.shape, channels_last)
             dot = sum((cells[part] * spread[part]).sum(0) for part in chunks)  # Σ_b ∂y·x per entry
             correction = (inverse.pow(3) * dot.view(-1)).masked_fill_(~live, 0.0)
             grad_flat = flat * correction.neg_()
-            grad_cells = grad_flat.view(b, -1, c) if channels_last else grad_flat.view(b, c, -1)
+            grad_cells = _cells(grad_flat, x.shape, channels_last)
             grad_cells.addcmul_(spread, inverse.view(grad_cells.shape[1:]))
         else:
-            grid = flat.view(b, h, w, c).permute(0, 3, 1, 2) if channels_last else flat.view(b, c, h, w)
             pooled = grad.reshape(b, c, h // ctx.kernel[0], w // ctx.kernel[1])
-            grad_grid = torch.ops.aten.avg_pool2d_backward(pooled, grid, ctx.kernel, ctx.kernel, (0, 0), False,
-                                                           True, None)
+            grad_grid = torch.ops.aten.avg_pool2d_backward(pooled, _grid(flat, x.shape, channels_last), ctx.kernel,
+                                                           ctx.kernel, (0, 0), False, True, None)
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             grad_y, _ = _flat_layout(grad_grid.contiguous(memory_format=memory_format))
             dot = sum((grad_y[part] * flat[part]).sum(0) for part in chunks)
             correction = (inverse.pow(3) * dot).masked_fill_(~live, 0.0)
             grad_flat = grad_y.mul_(inverse).addcmul_(flat, correction, value=-1.0)
-        grad_flat = grad_flat.to(x.dtype)
-        if channels_last:
-            return grad_flat.view(b, h, w, c).permute(0, 3, 1, 2), None
-        return grad_flat.view(b, c, h, w), None
+        return _grid(grad_flat.to(x.dtype), x.shape, channels_last), None
 
 
 def _windows(height: int, width: int, window: int) -> tuple[int, int]:
